@@ -1,0 +1,664 @@
+"""
+l3d: UP-LVSM in one file.
+
+UP-LVSM renders novel views of a scene from two unposed photos with a plain transformer and no 3D
+machinery: no poses in, no depth, no epipolar geometry. Paper: "The Less You Depend, The More You
+Learn: Synthesizing Novel Views from Sparse, Unposed Images" (Wang, Ye, Qin, Li, Chen, Chen;
+ICLR 2026; arXiv 2506.09885). This file holds the model, the loader for the authors' released
+checkpoints, the loss, the data pipeline and the training loop; prepare.py makes datasets and
+eval.py scores checkpoints.
+
+Train (the paper's 224 pre-training, then the 518 fine-tuning):
+    torchrun --nproc_per_node 8 l3d.py --res 224 --data data/re10k/train/full_list.txt
+    torchrun --nproc_per_node 8 l3d.py --res 518 --init runs/x224/ckpt_100000.pt --out runs/x518
+One GPU, for debugging:
+    python l3d.py --res 224 --batch 4 --data data/re10k/train/full_list.txt
+A laptop CPU, for a class (generated scenes, about 10 minutes):
+    python prepare.py synthetic && python l3d.py --tiny
+Render with the released weights:
+    model = l3d.load_model("uplvsm_x224.pt", res=224)
+    render, pose = model(ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy)
+"""
+
+import json
+import math
+import os
+import urllib.request
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# Config: the architecture, saved inside every checkpoint
+
+
+@dataclass
+class Config:
+    image_size: int = 224  # R: square images of R x R pixels
+    patch_size: int = 14  # p: every tokenizer works on p x p patches
+    dim: int = 768  # d: token width of every transformer
+    head_dim: int = 64
+    n_encoder: int = 6  # blocks that read the context views into the latents
+    n_estimator: int = 4  # blocks that read a target image and the latents into a pose
+    n_decoder: int = 14  # blocks that turn target rays and the latents into pixels
+    n_latents: int = 1024  # learned tokens that carry the scene from encoder to decoder
+    tok_depth: int = 12  # the DINOv2 ViT-B/14 image tokenizer
+    tok_heads: int = 12
+    tok_registers: int = 4
+    tok_pos_grid: int = 37  # DINOv2's position embeddings were made for 518 / 14 = 37 patches a side
+
+    @staticmethod
+    def paper(res=224):
+        return Config(image_size=res)
+
+    @staticmethod
+    def tiny():
+        # Small enough to train on a laptop CPU in minutes on 64 x 64 generated scenes.
+        return Config(image_size=64, patch_size=8, dim=128, head_dim=32, n_encoder=2, n_estimator=1,
+                      n_decoder=3, n_latents=64, tok_depth=2, tok_heads=4, tok_registers=2, tok_pos_grid=8)
+
+
+# -----------------------------------------------------------------------------
+# Cameras and rays. OpenCV cameras: x right, y down, z forward; c2w maps camera to world.
+
+
+def quat_to_rotation(q):
+    """Unit or not, scalar-last quaternions [..., 4] (x, y, z, w) -> rotation matrices [..., 3, 3]."""
+    x, y, z, w = q.unbind(-1)
+    s = 2.0 / (q * q).sum(-1)  # 2 / |q|^2 makes the formula exact for quaternions of any length
+    rot = torch.stack([
+        1 - s * (y * y + z * z), s * (x * y - z * w), s * (x * z + y * w),
+        s * (x * y + z * w), 1 - s * (x * x + z * z), s * (y * z - x * w),
+        s * (x * z - y * w), s * (y * z + x * w), 1 - s * (x * x + y * y),
+    ], -1)
+    return rot.reshape(q.shape[:-1] + (3, 3))  # [..., 9] -> [..., 3, 3]
+
+
+def pose_to_c2w(pose):
+    """Pose encodings [..., 7] (translation, then quaternion xyzw) -> c2w [..., 4, 4]."""
+    c2w = torch.zeros(pose.shape[:-1] + (4, 4), dtype=pose.dtype, device=pose.device)
+    c2w[..., :3, :3] = quat_to_rotation(pose[..., 3:7])
+    c2w[..., :3, 3] = pose[..., :3]
+    c2w[..., 3, 3] = 1.0
+    return c2w
+
+
+def plucker_rays(c2w, fxfycxcy, h, w):
+    """Plucker ray map of every pixel: c2w [b, v, 4, 4], fxfycxcy [b, v, 4] -> [b, v, 6, h, w].
+
+    Channels are cross(origin, direction) then the unit direction. Always float32: the
+    normalisation is the one place where bf16 would visibly bend the rays.
+    """
+    with torch.autocast(c2w.device.type, enabled=False):
+        c2w, fxfycxcy = c2w.float(), fxfycxcy.float()
+        fx, fy, cx, cy = (t[:, :, None, None] for t in fxfycxcy.unbind(-1))  # each [b, v, 1, 1]
+        ys, xs = torch.meshgrid(torch.arange(h, device=c2w.device, dtype=torch.float32),
+                                torch.arange(w, device=c2w.device, dtype=torch.float32), indexing="ij")
+        # pixel centres sit at +0.5
+        d_cam = torch.stack([(xs + 0.5 - cx) / fx, (ys + 0.5 - cy) / fy, torch.ones_like(fx * xs)], -1)
+        d = torch.einsum("bvij,bvhwj->bvhwi", c2w[:, :, :3, :3], d_cam)  # [b, v, h, w, 3]
+        d = d / d.norm(dim=-1, keepdim=True).clamp(min=1e-3)
+        o = c2w[:, :, None, None, :3, 3].expand_as(d)  # [b, v, h, w, 3]
+        rays = torch.cat([torch.cross(o, d, dim=-1), d], -1)  # [b, v, h, w, 6]
+        return rays.permute(0, 1, 4, 2, 3)  # [b, v, 6, h, w]
+
+
+def patchify(x, p):
+    """[b, v, c, h, w] -> [b, v, n, p*p*c]: patches in raster order, each flattened (row, column, channel)."""
+    b, v, c, h, w = x.shape
+    x = x.reshape(b, v, c, h // p, p, w // p, p)  # [b, v, c, h/p, p, w/p, p]
+    x = x.permute(0, 1, 3, 5, 4, 6, 2)  # [b, v, h/p, w/p, p, p, c]
+    return x.reshape(b, v, (h // p) * (w // p), p * p * c)  # [b, v, n, p*p*c]
+
+
+def unpatchify(x, p, h, w):
+    """[b, v, n, p*p*c] -> [b, v, c, h, w], the inverse of patchify."""
+    b, v, n, ppc = x.shape
+    c = ppc // (p * p)
+    x = x.reshape(b, v, h // p, w // p, p, p, c)  # [b, v, h/p, w/p, p, p, c]
+    x = x.permute(0, 1, 6, 2, 4, 3, 5)  # [b, v, c, h/p, p, w/p, p]
+    return x.reshape(b, v, c, h, w)  # [b, v, c, h, w]
+
+
+# -----------------------------------------------------------------------------
+# Transformer pieces. One block serves both the DINOv2 tokenizer (biases, LayerScale, LayerNorm
+# eps 1e-6) and the LVSM stacks (no biases anywhere, eps 1e-5); both add QK-norm.
+
+
+def attention(q, k, v):
+    """Softmax attention, q, k, v [b, heads, n, head_dim]; the one place to swap kernels."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class RMSNorm(nn.Module):
+    """Per-head RMS normalisation of queries and keys, computed in float32 and cast back."""
+
+    def __init__(self, dim, eps=1e-3):
+        super().__init__()
+        self.eps = eps  # large on purpose: keeps near-zero heads from blowing up under bf16
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight.type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, head_dim, bias):
+        super().__init__()
+        self.heads, self.head_dim = dim // head_dim, head_dim
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.q_norm = RMSNorm(head_dim)
+        self.k_norm = RMSNorm(head_dim)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim)  # [b, n, 3, heads, head_dim]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads, n, head_dim]
+        x = attention(self.q_norm(q), self.k_norm(k), v)  # [b, heads, n, head_dim]
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))  # [b, heads, n, head_dim] -> [b, n, d]
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, out, bias):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, out, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with QK-norm. dino=True: the DINOv2 flavour."""
+
+    def __init__(self, dim, head_dim, dino=False):
+        super().__init__()
+        eps = 1e-6 if dino else 1e-5
+        self.norm1 = nn.LayerNorm(dim, eps=eps, bias=dino)
+        self.attn = SelfAttention(dim, head_dim, bias=dino)
+        self.ls1 = LayerScale(dim) if dino else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps, bias=dino)
+        self.mlp = MLP(dim, 4 * dim, dim, bias=dino)
+        self.ls2 = LayerScale(dim) if dino else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+# -----------------------------------------------------------------------------
+# Image tokenizer: DINOv2 ViT-B/14 with 4 registers, plus QK-norm
+
+
+def resize_pos_embed(pos, gh, gw):
+    """Patch position embeddings [1, g*g, d] made for a g x g grid -> [1, gh*gw, d].
+
+    Bicubic with antialias to the exact size, in float32, as DINOv2 does for registers models.
+    """
+    g = math.isqrt(pos.shape[1])
+    if (gh, gw) == (g, g):
+        return pos
+    grid = pos.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, d, g, g]
+    grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True)  # [1, d, gh, gw]
+    return grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(pos.dtype)  # [1, gh*gw, d]
+
+
+class ImageTokenizer(nn.Module):
+    """Images [b, v, 3, R, R] in [0, 1] (no mean/std normalisation) -> patch tokens [b, v, n, d]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, p = cfg.dim, cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, d, kernel_size=p, stride=p)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.tok_pos_grid ** 2, d))
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.tok_registers, d))
+        self.blocks = nn.ModuleList(Block(d, d // cfg.tok_heads, dino=True) for _ in range(cfg.tok_depth))
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+
+    def forward(self, images):
+        b, v, c, h, w = images.shape
+        x = self.patch_embed(images.reshape(b * v, c, h, w))  # [b*v, d, h/p, w/p]
+        gh, gw = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)  # [b*v, n, d]
+        pos = torch.cat([self.pos_embed[:, :1], resize_pos_embed(self.pos_embed[:, 1:], gh, gw)], 1)
+        x = torch.cat([self.cls_token.expand(b * v, -1, -1), x], 1) + pos  # [b*v, 1+n, d]
+        r = self.register_tokens.shape[1]
+        # registers go in after cls and after the position embeddings: they have none
+        x = torch.cat([x[:, :1], self.register_tokens.expand(b * v, -1, -1), x[:, 1:]], 1)  # [b*v, 1+r+n, d]
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)[:, 1 + r:]  # keep the patch tokens only
+        return x.reshape(b, v, gh * gw, -1)  # [b*v, n, d] -> [b, v, n, d]
+
+
+# -----------------------------------------------------------------------------
+# UP-LVSM
+
+
+class UPLVSM(nn.Module):
+    """Two unposed context views + target images -> target renders and target poses.
+
+    The target image is only read by the pose estimator, which squeezes it into 7 numbers; the
+    render comes from the scene latents and the rays of that estimated camera. No pose is ever
+    given: the first context view is the world frame, marked by the rays of an identity camera.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        d, p, hd = cfg.dim, cfg.patch_size, cfg.head_dim
+        self.tokenizer = ImageTokenizer(cfg)
+        self.canonical_rays = nn.Linear(6 * p * p, d, bias=False)
+        self.target_rays = nn.Linear(6 * p * p, d, bias=False)
+        self.latents = nn.Parameter(torch.zeros(cfg.n_latents, d))
+        self.encoder = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_encoder))
+        self.estimator = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_estimator))
+        self.translation_head = MLP(d, d // 2, 3, bias=True)
+        self.rotation_head = MLP(d, d // 2, 4, bias=True)
+        self.decoder_norm_in = nn.LayerNorm(d, bias=False)
+        self.decoder = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_decoder))
+        self.decoder_norm_out = nn.LayerNorm(d, bias=False)
+        self.to_pixels = nn.Linear(d, p * p * 3, bias=False)
+        self.grad_checkpoint = False
+        self.init_weights()
+
+    def init_weights(self):
+        """From-scratch initialisation (SPEC section 2); the tokenizer gets DINOv2's own scheme."""
+        tok = self.tokenizer
+        for m in tok.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(tok.pos_embed, std=0.02)
+        nn.init.normal_(tok.cls_token, std=1e-6)
+        nn.init.normal_(tok.register_tokens, std=1e-6)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and not name.startswith("tokenizer."):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        # deeper encoder and decoder blocks start smaller so the residual stream grows slowly
+        for stack in (self.encoder, self.decoder):
+            for i, block in enumerate(stack):
+                for m in block.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * (i + 1)))
+        nn.init.trunc_normal_(self.latents, std=0.02)
+
+    def run(self, blocks, x):
+        for block in blocks:
+            if self.grad_checkpoint and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def encode(self, ctx_images, ctx_fxfycxcy):
+        """Context views [b, v, 3, R, R] and their intrinsics [b, v, 4] -> scene latents [b, L, d]."""
+        b, v, _, h, w = ctx_images.shape
+        tokens = self.tokenizer(ctx_images)  # [b, v, n, d]
+        n, d = tokens.shape[2:]
+        identity = torch.eye(4, device=ctx_images.device).expand(b, 1, 4, 4)
+        marker = self.canonical_rays(patchify(plucker_rays(identity, ctx_fxfycxcy[:, :1], h, w),
+                                              self.config.patch_size))  # [b, 1, n, d]
+        tokens = torch.cat([tokens[:, :1] + marker, tokens[:, 1:]], 1)
+        x = torch.cat([self.latents.expand(b, -1, -1), tokens.reshape(b, v * n, d)], 1)  # [b, L + v*n, d]
+        return self.run(self.encoder, x)[:, :self.config.n_latents]
+
+    def estimate_pose(self, latents, tgt_images):
+        """Latents [b, L, d] and target images [b, v, 3, R, R] -> pose encodings [b, v, 7]."""
+        b, v = tgt_images.shape[:2]
+        tokens = self.tokenizer(tgt_images).flatten(0, 1)  # [b*v, n, d]
+        n = tokens.shape[1]
+        x = torch.cat([tokens, latents.repeat_interleave(v, 0)], 1)  # [b*v, n + L, d]
+        x = self.run(self.estimator, x)[:, :n].mean(1)  # [b*v, d]
+        t, q = self.translation_head(x), self.rotation_head(x)
+        q32 = q.float()
+        q = (q32 / q32.norm(dim=-1, keepdim=True).clamp(min=1e-3)).to(q.dtype)
+        return torch.cat([t, q], -1).reshape(b, v, 7)  # [b*v, 7] -> [b, v, 7]
+
+    def decode(self, latents, c2w, fxfycxcy):
+        """Latents [b, L, d], cameras c2w [b, v, 4, 4] and intrinsics [b, v, 4] -> images [b, v, 3, R, R]."""
+        b, v = c2w.shape[:2]
+        R, p = self.config.image_size, self.config.patch_size
+        x = self.target_rays(patchify(plucker_rays(c2w, fxfycxcy, R, R), p)).flatten(0, 1)  # [b*v, n, d]
+        n = x.shape[1]
+        x = self.decoder_norm_in(torch.cat([x, latents.repeat_interleave(v, 0)], 1))  # [b*v, n + L, d]
+        x = self.run(self.decoder, x)[:, :n]
+        rgb = torch.sigmoid(self.to_pixels(self.decoder_norm_out(x)))  # [b*v, n, p*p*3]
+        return unpatchify(rgb.reshape(b, v, n, -1), p, R, R)  # [b*v, n, p*p*3] -> [b, v, 3, R, R]
+
+    def forward(self, ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy):
+        R = self.config.image_size
+        for name, x in (("ctx_images", ctx_images), ("tgt_images", tgt_images)):
+            if x.ndim != 5 or tuple(x.shape[2:]) != (3, R, R):
+                raise ValueError(f"{name} must be [b, v, 3, {R}, {R}] for this model, got {list(x.shape)}")
+        latents = self.encode(ctx_images, ctx_fxfycxcy)
+        pose = self.estimate_pose(latents, tgt_images)
+        render = self.decode(latents, pose_to_c2w(pose.float()), tgt_fxfycxcy)
+        return render, pose
+
+
+# -----------------------------------------------------------------------------
+# Loading weights: the authors' released checkpoints, l3d's own, and DINOv2's
+
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
+CACHE_DIR = Path(os.environ.get("L3D_CACHE", Path.home() / ".cache" / "l3d"))
+
+# release name -> l3d name, per block; the release's LVSM blocks call qkv "to_qkv" and proj "fc"
+DINO_BLOCK_NAMES = {n: n for n in [
+    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.q_norm.weight",
+    "attn.k_norm.weight", "attn.proj.weight", "attn.proj.bias", "ls1.gamma", "norm2.weight",
+    "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "ls2.gamma"]}
+LVSM_BLOCK_NAMES = {
+    "norm1.weight": "norm1.weight",
+    "attn.to_qkv.weight": "attn.qkv.weight",
+    "attn.q_norm.weight": "attn.q_norm.weight",
+    "attn.k_norm.weight": "attn.k_norm.weight",
+    "attn.fc.weight": "attn.proj.weight",
+    "norm2.weight": "norm2.weight",
+    "mlp.mlp.0.weight": "mlp.fc1.weight",
+    "mlp.mlp.2.weight": "mlp.fc2.weight",
+}
+DINO_TOP_NAMES = {
+    "cls_token": "cls_token",
+    "pos_embed": "pos_embed",
+    "register_tokens": "register_tokens",
+    "patch_embed.proj.weight": "patch_embed.weight",
+    "patch_embed.proj.bias": "patch_embed.bias",
+    "norm.weight": "norm.weight",
+    "norm.bias": "norm.bias",
+}
+RELEASE_TOKENIZER = "image_tokenizer.1.dino_vit."
+
+
+def dinov2_names(cfg):
+    """DINOv2 checkpoint name -> name inside our ImageTokenizer."""
+    names = dict(DINO_TOP_NAMES)
+    for i in range(cfg.tok_depth):
+        names.update({f"blocks.{i}.{a}": f"blocks.{i}.{b}" for a, b in DINO_BLOCK_NAMES.items()})
+    return names
+
+
+def release_names(cfg):
+    """Every tensor of the released UP-LVSM checkpoints: release name -> l3d name."""
+    names = {RELEASE_TOKENIZER + a: "tokenizer." + b for a, b in dinov2_names(cfg).items()}
+    names.update({
+        "n_light_field_latent": "latents",
+        "canonical_pose_tokenizer.1.weight": "canonical_rays.weight",
+        "target_pose_tokenizer.1.weight": "target_rays.weight",
+        "transformer_input_layernorm_decoder.weight": "decoder_norm_in.weight",
+        "image_token_decoder.0.weight": "decoder_norm_out.weight",
+        "image_token_decoder.1.weight": "to_pixels.weight",
+    })
+    for head, ours in (("absT_head", "translation_head"), ("quaR_head", "rotation_head")):
+        for part in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+            names[f"estimator.{head}.{part}"] = f"{ours}.{part}"
+    for stack, ours, depth in (("transformer_encoder", "encoder", cfg.n_encoder),
+                               ("estimator.transformer_estimator", "estimator", cfg.n_estimator),
+                               ("transformer_decoder", "decoder", cfg.n_decoder)):
+        for i in range(depth):
+            names.update({f"{stack}.{i}.{a}": f"{ours}.{i}.{b}" for a, b in LVSM_BLOCK_NAMES.items()})
+    return names
+
+
+def config_from_release(sd, res, source):
+    """The architecture of a released checkpoint, read from its tensor shapes alone."""
+    def shape(name):
+        if name not in sd:
+            raise KeyError(f"{source}: missing tensor '{name}', so this is not an UP-LVSM release checkpoint")
+        return sd[name].shape
+
+    def depth(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    n_latents, dim = shape("n_light_field_latent")
+    tok_dim = shape(RELEASE_TOKENIZER + "cls_token")[-1]
+    return Config(
+        image_size=res,
+        patch_size=shape(RELEASE_TOKENIZER + "patch_embed.proj.weight")[-1],
+        dim=dim,
+        head_dim=shape("transformer_encoder.0.attn.q_norm.weight")[0],
+        n_encoder=depth("transformer_encoder."),
+        n_estimator=depth("estimator.transformer_estimator."),
+        n_decoder=depth("transformer_decoder."),
+        n_latents=n_latents,
+        tok_depth=depth(RELEASE_TOKENIZER + "blocks."),
+        tok_heads=tok_dim // shape(RELEASE_TOKENIZER + "blocks.0.attn.q_norm.weight")[0],
+        tok_registers=shape(RELEASE_TOKENIZER + "register_tokens")[1],
+        tok_pos_grid=math.isqrt(shape(RELEASE_TOKENIZER + "pos_embed")[1] - 1),
+    )
+
+
+def copy_weights(module, sd, names, source, ignore_prefixes=()):
+    """Copy sd[theirs] into module[ours] for every (theirs, ours) in names, checking every shape.
+
+    Tensors of sd that are neither named nor under ignore_prefixes are an error: they mean the
+    file holds an architecture we would silently drop. Returns the ignored names.
+    """
+    ours = module.state_dict()
+    missing = [a for a in names if a not in sd]
+    if missing:
+        raise KeyError(f"{source}: missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
+    unknown = [k for k in sd if k not in names and not k.startswith(tuple(ignore_prefixes))]
+    if unknown:
+        raise KeyError(f"{source}: {len(unknown)} tensor(s) this model has no place for: {', '.join(unknown[:8])}")
+    for theirs, mine in names.items():
+        if tuple(sd[theirs].shape) != tuple(ours[mine].shape):
+            raise ValueError(f"{source}: tensor '{theirs}' has shape {list(sd[theirs].shape)}, "
+                             f"the model expects {list(ours[mine].shape)} for '{mine}'")
+    with torch.no_grad():
+        for theirs, mine in names.items():
+            ours[mine].copy_(sd[theirs])
+    return [k for k in sd if k not in names]
+
+
+def load_model(ckpt, res=None):
+    """A released UP-LVSM checkpoint or an l3d one (a path or a loaded dict) -> UPLVSM on CPU, eval mode.
+
+    Release files record no image size: pass res (224 or 518). l3d checkpoints record their Config;
+    res, if given, overrides the image size (the tokenizer resizes its position embeddings).
+    """
+    source = str(ckpt) if isinstance(ckpt, (str, Path)) else "checkpoint dict"
+    if isinstance(ckpt, (str, Path)):
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"{ckpt}: no such checkpoint file")
+        ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{source}: expected a dict with a 'model' state dict, as the release and l3d save")
+    sd = ckpt["model"]
+    if "config" in ckpt:
+        cfg = Config(**ckpt["config"])
+        cfg = replace(cfg, image_size=res) if res else cfg
+        model = UPLVSM(cfg)
+        copy_weights(model, sd, {k: k for k in model.state_dict()}, source)
+    else:
+        if res is None:
+            raise ValueError(f"{source}: release checkpoints do not record their image size; pass res=224 or res=518")
+        cfg = config_from_release(sd, res, source)
+        model = UPLVSM(cfg)
+        ignored = copy_weights(model, sd, release_names(cfg), source, ignore_prefixes=("loss_computer.",))
+        if ignored:
+            print(f"{source}: ignored {len(ignored)} tensor(s) under loss_computer.* (the training loss's frozen VGG-19)")
+    return model.eval()
+
+
+def download(url, dest):
+    """Download url to dest once (through a temporary file, so a killed download leaves nothing)."""
+    from tqdm import tqdm
+    dest = Path(dest)
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url) as r, open(tmp, "wb") as f, \
+                tqdm(total=int(r.headers.get("Content-Length") or 0), unit="B", unit_scale=True,
+                     desc=f"downloading {dest.name}") as bar:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"could not download {url} to {dest} ({e}); download it by hand and put it there "
+                           f"(or point L3D_CACHE at a folder that holds it)") from e
+    os.replace(tmp, dest)
+    return dest
+
+
+def load_dinov2(model, path=None, url=DINOV2_URL):
+    """Initialise the image tokenizer from DINOv2 ViT-B/14 reg4 (a local file, or downloaded once into CACHE_DIR).
+
+    The QK-norm weights are new to DINOv2's blocks and stay at 1; DINOv2's mask token is unused.
+    """
+    path = Path(path) if path else download(url, CACHE_DIR / url.rsplit("/", 1)[-1])
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such DINOv2 checkpoint")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    names = {a: b for a, b in dinov2_names(model.config).items() if not b.endswith(("q_norm.weight", "k_norm.weight"))}
+    copy_weights(model.tokenizer, sd, names, str(path), ignore_prefixes=("mask_token",))
+
+
+# -----------------------------------------------------------------------------
+# Loss: MSE + the LVSM perceptual loss (VGG-19 with average pooling, MatConvNet weights)
+
+VGG19_URL = "https://www.vlfeat.org/matconvnet/models/imagenet-vgg-verydeep-19.mat"
+# conv layers of VGG-19 up to relu5_2, grouped into the five slices whose outputs the loss compares
+VGG19_SLICES = [["conv1_1", "conv1_2"], ["pool", "conv2_1", "conv2_2"], ["pool", "conv3_1", "conv3_2"],
+                ["conv3_3", "conv3_4", "pool", "conv4_1", "conv4_2"], ["conv4_3", "conv4_4", "pool", "conv5_1", "conv5_2"]]
+VGG19_WEIGHTS = [1 / 2.6, 1 / 4.8, 1 / 3.7, 1 / 5.6, 10 / 1.5]  # LVSM's per-slice balance
+
+
+class PerceptualLoss(nn.Module):
+    """LVSM's perceptual loss. Frozen; max-pools are 2x2 average pools, which give smoother gradients."""
+
+    def __init__(self, path=None, url=VGG19_URL):
+        super().__init__()
+        path = Path(path) if path else download(url, CACHE_DIR / url.rsplit("/", 1)[-1])
+        convs = read_matconvnet_vgg(path)
+        self.slices = nn.ModuleList()
+        for names in VGG19_SLICES:
+            layers = []
+            for name in names:
+                if name == "pool":
+                    layers.append(nn.AvgPool2d(2, 2))
+                else:
+                    layers += [convs[name], nn.ReLU()]
+            self.slices.append(nn.Sequential(*layers))
+        self.register_buffer("mean", torch.tensor([123.68, 116.779, 103.939]).reshape(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, pred, target):
+        """pred, target [N, 3, h, w] in [0, 1] -> scalar."""
+        x, y = pred * 255.0 - self.mean, target * 255.0 - self.mean
+        loss = (x - y).abs().mean()
+        for block, weight in zip(self.slices, VGG19_WEIGHTS):
+            x, y = block(x), block(y)
+            loss = loss + weight * (x - y).abs().mean()
+        return loss / 255.0
+
+
+def read_matconvnet_vgg(path):
+    """imagenet-vgg-verydeep-19.mat -> {"conv1_1": nn.Conv2d, ...} for the convs PerceptualLoss uses."""
+    import scipy.io  # only here: the one place that reads MATLAB files
+    try:
+        layers = scipy.io.loadmat(str(path))["layers"][0]
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable MatConvNet VGG-19 file ({e})") from e
+    wanted = {n for names in VGG19_SLICES for n in names if n != "pool"}
+    convs = {}
+    for layer in layers:
+        rec = layer[0][0]
+        name = str(rec["name"][0])
+        if name in wanted:
+            w, b = rec["weights"][0][0], rec["weights"][0][1]
+            w = torch.from_numpy(np.ascontiguousarray(w)).float().permute(3, 2, 0, 1)  # [h, w, in, out] -> [out, in, h, w]
+            conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
+            conv.weight.data.copy_(w)
+            conv.bias.data.copy_(torch.from_numpy(np.asarray(b)).float().reshape(-1))  # [out, 1] -> [out]
+            convs[name] = conv
+    if missing := sorted(wanted - set(convs)):
+        raise ValueError(f"{path}: VGG-19 file lacks layers {missing}")
+    return convs
+
+
+# -----------------------------------------------------------------------------
+# Data: the processed RealEstate10K layout (SPEC section 5) and the view sampling of the paper
+
+
+def read_list(list_path):
+    """full_list.txt -> metadata json paths (relative entries are relative to the list's folder)."""
+    list_path = Path(list_path)
+    if not list_path.is_file():
+        raise FileNotFoundError(f"{list_path}: no such list file (a full_list.txt from prepare.py)")
+    paths = [Path(line.strip()) for line in list_path.read_text().splitlines() if line.strip()]
+    return [str(p if p.is_absolute() else list_path.parent / p) for p in paths]
+
+
+def read_scene(meta_path):
+    """A scene's metadata json -> {"scene_name", "frames": [{"image_path", "fxfycxcy", "w2c"}]}.
+
+    Image paths are resolved: relative ones against the split folder, and absolute ones that no
+    longer exist (a dataset moved since conversion) against the split folder's images/<scene>/.
+    """
+    meta_path = Path(meta_path)
+    try:
+        scene = json.loads(meta_path.read_text())
+        frames, name = scene["frames"], scene["scene_name"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path}: unreadable scene metadata ({e!r})") from e
+    split = meta_path.resolve().parent.parent
+    for f in frames:
+        p = Path(f["image_path"])
+        if not p.is_absolute():
+            p = split / p
+        elif not p.exists() and (split / "images" / str(name) / p.name).exists():
+            p = split / "images" / str(name) / p.name
+        f["image_path"] = str(p)
+    return {"scene_name": str(name), "frames": frames}
+
+
+def load_view(path, fxfycxcy, res, patch):
+    """One frame -> (image [3, R, R] in [0, 1], fxfycxcy [4]) preprocessed as the release does.
+
+    Resize so the height is R and the width keeps the aspect ratio rounded to a multiple of the
+    patch (Lanczos), centre-crop R x R, and move the intrinsics with the pixels.
+    """
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+    w0, h0 = img.size
+    w = int(round(int(res / h0 * w0) / patch) * patch)
+    if w < res:
+        raise ValueError(f"{path}: {w0}x{h0} is taller than wide; l3d crops landscape frames to squares")
+    left = (w - res) // 2
+    img = img.resize((w, res), Image.LANCZOS).crop((left, 0, left + res, res))
+    image = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0  # [h, w, 3] -> [3, h, w]
+    fx, fy, cx, cy = (float(x) for x in fxfycxcy)
+    sx, sy = w / w0, res / h0
+    return image, torch.tensor([fx * sx, fy * sy, cx * sx - left, cy * sy])
+
+
+def load_views(frames, indices, res, patch):
+    """Frames of a scene, chosen indices -> (images [v, 3, R, R], fxfycxcy [v, 4])."""
+    views = [load_view(frames[i]["image_path"], frames[i]["fxfycxcy"], res, patch) for i in indices]
+    return torch.stack([im for im, _ in views]), torch.stack([k for _, k in views])
