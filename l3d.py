@@ -20,9 +20,13 @@ Render with the released weights:
     render, pose = model(ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy)
 """
 
+import argparse
 import json
+import random
+import warnings
 import math
 import os
+import time
 import urllib.request
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -662,3 +666,387 @@ def load_views(frames, indices, res, patch):
     """Frames of a scene, chosen indices -> (images [v, 3, R, R], fxfycxcy [v, 4])."""
     views = [load_view(frames[i]["image_path"], frames[i]["fxfycxcy"], res, patch) for i in indices]
     return torch.stack([im for im, _ in views]), torch.stack([k for _, k in views])
+
+
+def sample_views(n_frames, rng, n_views=8, min_gap=25, max_gap=192):
+    """The paper's view choice: frames s and s+g are the context (in that order), then n_views-2
+    distinct frames strictly between them; g is uniform in [min_gap, min(max_gap, n_frames-1)].
+    Returns None for scenes too short to allow it."""
+    hi = min(max_gap, n_frames - 1)
+    if hi < min_gap or min_gap - 1 < n_views - 2:
+        return None
+    gap = rng.randint(min_gap, hi)
+    start = rng.randint(0, n_frames - gap - 1)
+    return [start, start + gap] + rng.sample(range(start + 1, start + gap), n_views - 2)
+
+
+class SceneDataset(torch.utils.data.Dataset):
+    """Training samples: 2 context views and n_targets targets drawn among the 8 chosen views.
+
+    A scene that is too short or unreadable is skipped with a warning naming it, and another
+    scene is drawn in its place: one bad scene never stops a run.
+    """
+
+    def __init__(self, list_path, res, patch, n_targets=6):
+        self.scenes = read_list(list_path)
+        if not self.scenes:
+            raise ValueError(f"{list_path}: lists no scenes")
+        self.res, self.patch, self.n_targets = res, patch, n_targets
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, i):
+        rng = random.Random()  # seeded by the DataLoader worker's own seed, different every epoch
+        rng.seed(torch.randint(2 ** 62, ()).item())
+        for _ in range(100):
+            try:
+                frames = read_scene(self.scenes[i])["frames"]
+                views = sample_views(len(frames), rng)
+                if views is None:
+                    raise ValueError(f"only {len(frames)} frames, fewer than the 27 the view sampling needs")
+                images, fxfycxcy = load_views(frames, views, self.res, self.patch)
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+                warnings.warn(f"skipping scene {self.scenes[i]}: {e}")
+                i = rng.randrange(len(self.scenes))
+                continue
+            tgt = rng.sample(range(len(views)), self.n_targets)  # targets may include the context views
+            return images[:2], fxfycxcy[:2], images[tgt], fxfycxcy[tgt]
+        raise RuntimeError(f"100 scenes in a row were unusable; check the dataset (last: {self.scenes[i]})")
+
+
+def load_index_views(list_path, index_path):
+    """The held-out views of an evaluation index: [(scene name, frames, context, target)] for scenes on disk."""
+    index = json.loads(Path(index_path).read_text())
+    out = []
+    for meta in read_list(list_path):
+        scene = read_scene(meta)
+        views = index.get(scene["scene_name"])
+        if views and max(views["context"] + views["target"]) < len(scene["frames"]):
+            out.append((scene["scene_name"], scene["frames"], views["context"], views["target"]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Training: AdamW, warm-up then cosine, the release's skip rules, DDP, resumable checkpoints
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def lr_at(step, peak, warmup, total):
+    """Learning rate of optimizer step `step` (0-based): linear warm-up from 0, then cosine to 0."""
+    if step < warmup:
+        return peak * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, lr, weight_decay=0.05, fused=False):
+    """AdamW; matrices and conv kernels decay, vectors (norms, biases, LayerScale) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+
+
+def clip_or_skip(params, clip=1.0, skip_factor=4.0):
+    """Zero non-finite gradients, clip the total norm at `clip`; True when the update should be
+    skipped because the pre-clip norm exceeded skip_factor * clip (the release's guard against spikes)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    return norm.item() > skip_factor * clip, norm.item()
+
+
+def save_checkpoint(out, state, keep):
+    """Write out/ckpt_<step>.pt through a temporary file and a rename; keep the newest `keep`."""
+    path = Path(out) / f"ckpt_{state['step']:07d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in sorted(Path(out).glob("ckpt_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(out):
+    """The newest readable checkpoint in out, or None."""
+    for path in sorted(Path(out).glob("ckpt_*.pt"), reverse=True):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a file cut short by a full disk; the rename makes this rare
+            warnings.warn(f"{path}: unreadable checkpoint ({e}); trying an older one")
+    return None
+
+
+def psnr(pred, target):
+    """Mean PSNR in dB of images in [0, 1], one MSE per image."""
+    mse = (pred.float().clamp(0, 1) - target.float()).pow(2).flatten(1).mean(1)
+    return (-10 * torch.log10(mse.clamp(min=1e-10))).mean().item()
+
+
+@torch.no_grad()
+def heldout(model, views, cfg, device, out_png=None):
+    """PSNR of the model on held-out indexed views, beside two baselines a model must beat: the pixel
+    mean of the two context views, and the better of the two context views copied (per target)."""
+    model.eval()
+    scores = {"psnr": [], "mean_of_context": [], "best_context_copy": []}
+    rows = []
+    for name, frames, ctx, tgt in views:
+        ci, ck = load_views(frames, ctx, cfg.image_size, cfg.patch_size)
+        ti, tk = load_views(frames, tgt, cfg.image_size, cfg.patch_size)
+        render, _ = model(ci[None].to(device), ck[None].to(device), ti[None].to(device), tk[None].to(device))
+        render = render[0].float().cpu()
+        for j in range(len(tgt)):
+            scores["psnr"].append(psnr(render[j:j + 1], ti[j:j + 1]))
+            scores["mean_of_context"].append(psnr(ci.mean(0, keepdim=True), ti[j:j + 1]))
+            scores["best_context_copy"].append(max(psnr(ci[k:k + 1], ti[j:j + 1]) for k in range(2)))
+        if len(rows) < 4:
+            rows.append(torch.cat([ci[0], ci[1], ti[0], render[0]], 2))  # context | context | target | render
+    if out_png and rows:
+        grid = torch.cat(rows, 1).permute(1, 2, 0).clamp(0, 1).mul(255).round().byte().numpy()  # [3, h, w] -> [h, w, 3]
+        Image.fromarray(grid).save(out_png)
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def model_flops(cfg, v_ctx=2, v_tgt=6):
+    """Forward FLOPs of one training sample (matmuls only, 2 per multiply-add)."""
+    d, n, L = cfg.dim, (cfg.image_size // cfg.patch_size) ** 2, cfg.n_latents
+
+    def blocks(depth, tokens, seqs=1):  # qkv + proj + MLP = 24 d^2 per token, attention 4 n d per token
+        return seqs * depth * (24 * d * d * tokens + 4 * tokens * tokens * d)
+
+    tok = 2 * 3 * cfg.patch_size ** 2 * d * n + blocks(cfg.tok_depth, 1 + cfg.tok_registers + n)
+    return ((v_ctx + v_tgt) * tok + blocks(cfg.n_encoder, L + v_ctx * n)
+            + blocks(cfg.n_estimator, n + L, v_tgt) + blocks(cfg.n_decoder, n + L, v_tgt)
+            + 2 * 2 * 6 * cfg.patch_size ** 2 * d * n * (1 + v_tgt) + 2 * d * 3 * cfg.patch_size ** 2 * n * v_tgt)
+
+
+def train(args):
+    ddp = "RANK" in os.environ
+    if ddp:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = 0, 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    cuda = device.type == "cuda"
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+
+    cfg = Config.tiny() if args.tiny else Config.paper(args.res)
+    model = UPLVSM(cfg)
+    out = Path(args.out)
+    resumed = latest_checkpoint(out) if out.is_dir() else None
+    if resumed:
+        path, state = resumed
+        model.load_state_dict(state["model"])
+        print0(f"resuming from {path} at step {state['step']}")
+    elif args.init:
+        init = load_model(args.init, res=cfg.image_size)
+        if replace(init.config, image_size=cfg.image_size) != cfg:
+            raise ValueError(f"{args.init}: its architecture {init.config} differs from this run's {cfg}")
+        model.load_state_dict(init.state_dict())
+        print0(f"initialised from {args.init} (weights only: optimizer and schedule start fresh)")
+    elif args.dinov2 != "none":
+        load_dinov2(model, None if args.dinov2 == "download" else args.dinov2)
+        print0("image tokenizer initialised from DINOv2 ViT-B/14 reg4")
+    model.to(device)
+    model.grad_checkpoint = args.grad_checkpoint
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(model, args.lr, fused=cuda)
+    step, updates = 0, 0
+    if resumed:
+        opt.load_state_dict(state["optimizer"])
+        step, updates = state["step"], state["updates"]
+        if rank == 0:  # the other ranks reseed below: their streams only need to differ
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+    if resumed and rank:
+        torch.manual_seed(args.seed + 1000 * rank + step)
+    train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if ddp else model
+    if args.compile and cuda:
+        train_model = torch.compile(train_model)
+    perceptual = PerceptualLoss(args.vgg).to(device) if args.perceptual > 0 else None
+
+    data = SceneDataset(args.data, cfg.image_size, cfg.patch_size)
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, seed=args.seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=cuda, drop_last=True, persistent_workers=args.workers > 0)
+    if len(loader) == 0:
+        raise ValueError(f"{args.data}: {len(data)} scenes over {world} rank(s) make no batch of {args.batch}")
+    heldout_views = []
+    if args.eval_index and Path(args.eval_index).is_file():
+        heldout_views = load_index_views(args.eval_data, args.eval_index)[:args.eval_scenes]
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"config: {cfg}\ntraining: {vars(args)}\ndevice: {device}, ranks: {world}, "
+              f"parameters: {sum(p.numel() for p in params):,}, scenes: {len(data)}", flush=True)
+
+    def state():
+        return {"model": model.state_dict(), "config": asdict(cfg), "optimizer": opt.state_dict(),
+                "step": step, "updates": updates, "args": vars(args),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+
+    def batches():
+        epoch = step // len(loader)
+        while True:
+            sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    it = batches()
+    tick = time.time()
+    while step < args.steps:
+        ctx, ctx_k, tgt, tgt_k = (x.to(device, non_blocking=True) for x in next(it))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
+        model.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            render, _ = train_model(ctx, ctx_k, tgt, tgt_k)
+            render, tgt = render.float().flatten(0, 1), tgt.flatten(0, 1)  # [b, v, 3, h, w] -> [b*v, 3, h, w]
+            mse = F.mse_loss(render, tgt)
+            loss = mse + args.perceptual * perceptual(render, tgt) if perceptual else mse
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients across ranks here
+        mean_loss = loss.detach().clone()
+        if ddp:
+            torch.distributed.all_reduce(mean_loss, op=torch.distributed.ReduceOp.AVG)
+        skip, gnorm = clip_or_skip(params, args.clip)
+        if not skip and torch.isfinite(mean_loss):
+            opt.step()
+            updates += 1
+        step += 1
+        if rank == 0:
+            dt, tick = time.time() - tick, time.time()
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss.item():.4f}", psnr=f"{-10 * math.log10(max(mse.item(), 1e-10)):.2f}",
+                            lr=f"{opt.param_groups[0]['lr']:.2e}", gnorm=f"{gnorm:.2f}",
+                            samples_s=f"{args.batch * world / dt:.1f}")
+            if heldout_views and (step % args.eval_every == 0 or step == args.steps):
+                scores = heldout(model, heldout_views, cfg, device, out / f"heldout_{step:07d}.png")
+                bar.write(f"step {step}: held-out PSNR {scores['psnr']:.2f} dB (mean of context "
+                          f"{scores['mean_of_context']:.2f}, best context copy {scores['best_context_copy']:.2f})")
+            if step % args.save_every == 0 or step == args.steps:
+                bar.write(f"saved {save_checkpoint(out, state(), args.keep)}")
+    bar.close()
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+
+def bench(args):
+    """Forward + backward + AdamW steps on random inputs: ms/step, samples/s, peak memory, MFU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cfg = Config.tiny() if args.tiny else Config.paper(args.res)
+    model = UPLVSM(cfg).to(device).train()
+    model.grad_checkpoint = args.grad_checkpoint
+    run = torch.compile(model) if args.compile and cuda else model
+    opt = make_optimizer(model, args.lr, fused=cuda)
+    R, b = cfg.image_size, args.batch
+    k = torch.tensor([R * 1.0, R * 1.0, R / 2, R / 2], device=device)
+    ctx, tgt = torch.rand(b, 2, 3, R, R, device=device), torch.rand(b, 6, 3, R, R, device=device)
+
+    def one_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            render, _ = run(ctx, k.expand(b, 2, 4), tgt, k.expand(b, 6, 4))
+            loss = F.mse_loss(render.float(), tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):  # warm-up: compilation, allocator, kernel selection
+        one_step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    for _ in range(args.bench_steps):
+        one_step()
+    if cuda:
+        torch.cuda.synchronize()
+    dt = (time.time() - start) / args.bench_steps
+    line = (f"bench: res {R}, batch {b}, compile {args.compile and cuda}, grad checkpoint {args.grad_checkpoint}, "
+            f"{device}: {dt * 1000:.1f} ms/step, {b / dt:.1f} samples/s")
+    if cuda:
+        achieved = 3 * model_flops(cfg) * b / dt  # backward costs twice the forward
+        line += (f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB, "
+                 f"MFU {100 * achieved / (args.peak_tflops * 1e12):.1f}% of {args.peak_tflops:.0f} TFLOP/s")
+    else:
+        import resource
+        line += f", peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB"
+    print(line)
+
+
+# -----------------------------------------------------------------------------
+# Command line. Paper numbers are the defaults; --tiny swaps in the classroom preset.
+
+PRESETS = {
+    224: dict(batch=16, steps=100_000, lr=4e-4, warmup=4000, out="runs/x224", dinov2="download",
+              data="data/re10k/train/full_list.txt", perceptual=0.5, save_every=4000, eval_every=4000),
+    518: dict(batch=6, steps=80_000, lr=4e-5, warmup=4000, out="runs/x518", dinov2="none",
+              data="data/re10k/train/full_list.txt", perceptual=0.5, save_every=4000, eval_every=4000),
+    "tiny": dict(batch=8, steps=1200, lr=1e-3, warmup=100, out="runs/tiny", dinov2="none",
+                 data="data/synthetic/train/full_list.txt", perceptual=0.0, save_every=200, eval_every=200),
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Train UP-LVSM (see the docstring of l3d.py for commands).")
+    ap.add_argument("--res", type=int, default=224, choices=[224, 518], help="the paper config: 224 pre-training or 518 fine-tuning")
+    ap.add_argument("--tiny", action="store_true", help="tiny model on generated 64x64 scenes: trains on a CPU in minutes")
+    ap.add_argument("--data", help="full_list.txt of a processed training split (default: per preset)")
+    ap.add_argument("--out", help="run directory: checkpoints, held-out grids; rerunning resumes from it")
+    ap.add_argument("--steps", type=int, help="optimizer steps (224: 100k, 518: 80k)")
+    ap.add_argument("--batch", type=int, help="samples per GPU/process (224: 16, 518: 6)")
+    ap.add_argument("--lr", type=float, help="peak learning rate (224: 4e-4, 518: 4e-5)")
+    ap.add_argument("--warmup", type=int, help="linear warm-up steps (4000)")
+    ap.add_argument("--init", help="start from these weights only (an l3d or release checkpoint); optimizer and schedule fresh")
+    ap.add_argument("--dinov2", help="tokenizer init: 'download' (DINOv2 ViT-B/14 reg4 into the cache), a local .pth, or 'none'")
+    ap.add_argument("--perceptual", type=float, help="weight of the VGG-19 perceptual loss (0.5; 0 turns it off)")
+    ap.add_argument("--vgg", help="local imagenet-vgg-verydeep-19.mat (default: downloaded once into the cache)")
+    ap.add_argument("--save_every", type=int, help="checkpoint every this many steps (4000)")
+    ap.add_argument("--keep", type=int, default=3, help="checkpoints kept in --out")
+    ap.add_argument("--eval_every", type=int, help="held-out PSNR and render grid every this many steps (4000)")
+    ap.add_argument("--eval_data", help="full_list.txt of held-out scenes (default: test/ beside --data)")
+    ap.add_argument("--eval_index", help="evaluation index of held-out views (default: evaluation_index.json in that test/)")
+    ap.add_argument("--eval_scenes", type=int, default=32, help="held-out scenes scored during training")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm; updates are skipped above 4x this")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 1,
+                    help="DataLoader worker processes per rank")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute each block in backward: less memory, ~30%% slower")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile the model (CUDA only)")
+    ap.add_argument("--bench", action="store_true", help="time training steps on random inputs and exit")
+    ap.add_argument("--bench_steps", type=int, default=10)
+    ap.add_argument("--peak_tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM: 989)")
+    args = ap.parse_args(argv)
+    for key, value in PRESETS["tiny" if args.tiny else args.res].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    test_dir = Path(args.data).parent.parent / "test"
+    args.eval_data = args.eval_data or str(test_dir / "full_list.txt")
+    args.eval_index = args.eval_index or str(test_dir / "evaluation_index.json")
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.bench:
+        bench(args)
+    else:
+        train(args)

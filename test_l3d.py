@@ -1,0 +1,347 @@
+"""Tests of l3d.py on CPU with tiny configs. Every check compares against maths written here."""
+
+import math
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import l3d
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = l3d.UPLVSM(l3d.Config.tiny())
+    with torch.no_grad():  # move every weight off its init so that no tensor is trivially 0 or 1
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def tiny_inputs(b=2, v_tgt=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    R = l3d.Config.tiny().image_size
+    k = torch.tensor([0.9 * R, 1.1 * R, R / 2 + 1.5, R / 2 - 2.0])
+    return (torch.rand(b, 2, 3, R, R, generator=g), k.expand(b, 2, 4).clone(),
+            torch.rand(b, v_tgt, 3, R, R, generator=g), k.expand(b, v_tgt, 4).clone())
+
+
+# --- cameras --------------------------------------------------------------------------------------
+
+
+def rodrigues(axis, angle):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
+
+
+def test_quaternion_to_rotation_known_rotations():
+    # 90 degrees about z sends x to y: scalar-last (x, y, z, w) = (0, 0, sin 45, cos 45)
+    q = torch.tensor([0.0, 0.0, math.sin(math.pi / 4), math.cos(math.pi / 4)], dtype=torch.float64)
+    expected = np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]], float)
+    np.testing.assert_allclose(l3d.quat_to_rotation(q).numpy(), expected, atol=1e-12)
+    # the identity, and a non-unit quaternion giving the same rotation as its unit version
+    np.testing.assert_allclose(l3d.quat_to_rotation(torch.tensor([0, 0, 0, 3.0], dtype=torch.float64)).numpy(), np.eye(3), atol=1e-12)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        axis, angle = rng.normal(size=3), rng.uniform(-math.pi, math.pi)
+        unit = axis / np.linalg.norm(axis)
+        q = np.concatenate([unit * math.sin(angle / 2), [math.cos(angle / 2)]]) * rng.uniform(0.3, 3.0)
+        got = l3d.quat_to_rotation(torch.tensor(q)).numpy()
+        np.testing.assert_allclose(got, rodrigues(axis, angle), atol=1e-12)
+
+
+def test_pose_to_c2w():
+    pose = torch.tensor([[1.0, -2.0, 0.5, 0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    expected = np.eye(4)
+    expected[:3, 3] = [1.0, -2.0, 0.5]
+    np.testing.assert_allclose(l3d.pose_to_c2w(pose)[0].numpy(), expected)
+
+
+def test_plucker_rays_hand_computed_camera():
+    # camera at (1, 2, 3), turned 90 degrees about the world y axis: its forward z looks along world +x
+    rot = rodrigues([0, 1, 0], math.pi / 2)
+    np.testing.assert_allclose(rot @ [0, 0, 1], [1, 0, 0], atol=1e-12)
+    c2w = np.eye(4)
+    c2w[:3, :3], c2w[:3, 3] = rot, [1, 2, 3]
+    fx, fy, cx, cy, h, w = 10.0, 20.0, 3.0, 2.0, 4, 6
+    rays = l3d.plucker_rays(torch.tensor(c2w, dtype=torch.float32)[None, None],
+                            torch.tensor([[[fx, fy, cx, cy]]]), h, w)[0, 0].double().numpy()  # [6, h, w]
+    assert rays.shape == (6, h, w)
+    o = np.array([1.0, 2.0, 3.0])
+    for y, x in [(0, 0), (1, 2), (3, 5), (2, 4)]:
+        d_cam = np.array([(x + 0.5 - cx) / fx, (y + 0.5 - cy) / fy, 1.0])
+        d = rot @ d_cam
+        d /= np.linalg.norm(d)
+        np.testing.assert_allclose(rays[3:, y, x], d, atol=1e-6)
+        np.testing.assert_allclose(rays[:3, y, x], np.cross(o, d), atol=1e-5)
+    # the pixel at the principal point looks straight down the camera's z axis, i.e. world +x
+    rays = l3d.plucker_rays(torch.tensor(c2w, dtype=torch.float32)[None, None],
+                            torch.tensor([[[fx, fy, 2.5, 1.5]]]), h, w)[0, 0]
+    np.testing.assert_allclose(rays[3:, 1, 2].numpy(), [1, 0, 0], atol=1e-6)
+
+
+# --- patchify -------------------------------------------------------------------------------------
+
+
+def test_patchify_order_hand_written():
+    # x[c, row, col] = 100 c + 10 row + col on a 4x4 image with 2x2 patches
+    c, h, w, p = 2, 4, 4, 2
+    x = torch.tensor([[[100 * ci + 10 * r + col for col in range(w)] for r in range(h)] for ci in range(c)], dtype=torch.float32)
+    tokens = l3d.patchify(x[None, None], p)[0, 0]
+    assert tokens.shape == (4, 8)
+    # patch 1 is the top-right patch (raster order); inside it (row, column, channel)
+    expected_patch1 = [2, 102, 3, 103, 12, 112, 13, 113]
+    assert tokens[1].tolist() == expected_patch1
+    # patch 2 starts the second patch row
+    assert tokens[2].tolist() == [20, 120, 21, 121, 30, 130, 31, 131]
+
+
+def test_unpatchify_round_trip():
+    x = torch.randn(2, 3, 6, 24, 16)
+    np.testing.assert_array_equal(l3d.unpatchify(l3d.patchify(x, 8), 8, 24, 16).numpy(), x.numpy())
+
+
+# --- transformer block ----------------------------------------------------------------------------
+
+
+def reference_block(x, block, heads, dino):
+    """The block in float64 numpy: pre-norm, RMS-normalised q and k, softmax(q k^T / sqrt(d)) v."""
+    P = {k: v.detach().double().numpy() for k, v in block.state_dict().items()}
+    eps = 1e-6 if dino else 1e-5
+
+    def layer_norm(t, name):
+        t = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + eps)
+        return t * P[name + ".weight"] + (P[name + ".bias"] if dino else 0)
+
+    def linear(t, name):
+        return t @ P[name + ".weight"].T + (P[name + ".bias"] if dino else 0)
+
+    def rms(t, weight):
+        return t / np.sqrt((t ** 2).mean(-1, keepdims=True) + 1e-3) * weight
+
+    gelu = np.vectorize(lambda t: 0.5 * t * (1 + math.erf(t / math.sqrt(2))))
+    x = x.double().numpy()
+    n, d = x.shape[-2:]
+    hd = d // heads
+    qkv = linear(layer_norm(x, "norm1"), "attn.qkv")
+    out = np.zeros_like(x)
+    for b in range(x.shape[0]):
+        for h in range(heads):
+            q = rms(qkv[b, :, h * hd:(h + 1) * hd], P["attn.q_norm.weight"])
+            k = rms(qkv[b, :, d + h * hd:d + (h + 1) * hd], P["attn.k_norm.weight"])
+            v = qkv[b, :, 2 * d + h * hd:2 * d + (h + 1) * hd]
+            s = q @ k.T / math.sqrt(hd)
+            a = np.exp(s - s.max(-1, keepdims=True))
+            out[b, :, h * hd:(h + 1) * hd] = (a / a.sum(-1, keepdims=True)) @ v
+    attn = linear(out, "attn.proj")
+    x = x + (attn * P["ls1.gamma"] if dino else attn)
+    mlp = linear(gelu(linear(layer_norm(x, "norm2"), "mlp.fc1")), "mlp.fc2")
+    return x + (mlp * P["ls2.gamma"] if dino else mlp)
+
+
+@pytest.mark.parametrize("dino", [False, True])
+def test_block_matches_float64_attention(dino):
+    torch.manual_seed(0)
+    block = l3d.Block(32, 8, dino=dino)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 7, 32)
+    got = block(x).detach().double().numpy()
+    np.testing.assert_allclose(got, reference_block(x, block, heads=4, dino=dino), atol=2e-5, rtol=1e-5)
+
+
+# --- position embeddings --------------------------------------------------------------------------
+
+
+def antialiased_bicubic_matrix(n_in, n_out, a=-0.5):
+    """PIL-style resampling weights: the cubic kernel stretched by the downscale factor, rows normalised."""
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    weights = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        for j in range(n_in):
+            t = abs((j + 0.5 - (i + 0.5) * scale) / stretch)
+            weights[i, j] = ((a + 2) * t - (a + 3)) * t * t + 1 if t < 1 else ((((t - 5) * t + 8) * t - 4) * a if t < 2 else 0)
+        weights[i] /= weights[i].sum()
+    return weights
+
+
+def test_pos_embed_resize_identity_and_bicubic_antialias():
+    pos = torch.randn(1, 37 * 37, 12)
+    assert l3d.resize_pos_embed(pos, 37, 37) is pos
+    for g_out in (16, 20, 45):
+        got = l3d.resize_pos_embed(pos, g_out, g_out)[0].double().numpy().reshape(g_out, g_out, 12)
+        m = antialiased_bicubic_matrix(37, g_out)
+        expected = np.einsum("ij,jkc,lk->ilc", m, pos[0].double().numpy().reshape(37, 37, 12), m)
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+# --- loading released checkpoints ------------------------------------------------------------------
+
+
+def to_release_name(name):
+    """l3d parameter name -> the release's, written out independently of l3d's own table."""
+    rules = [
+        (r"^tokenizer\.patch_embed\.(weight|bias)$", r"image_tokenizer.1.dino_vit.patch_embed.proj.\1"),
+        (r"^tokenizer\.", "image_tokenizer.1.dino_vit."),
+        (r"^latents$", "n_light_field_latent"),
+        (r"^canonical_rays\.", "canonical_pose_tokenizer.1."),
+        (r"^target_rays\.", "target_pose_tokenizer.1."),
+        (r"^decoder_norm_in\.", "transformer_input_layernorm_decoder."),
+        (r"^decoder_norm_out\.", "image_token_decoder.0."),
+        (r"^to_pixels\.", "image_token_decoder.1."),
+        (r"^translation_head\.", "estimator.absT_head."),
+        (r"^rotation_head\.", "estimator.quaR_head."),
+        (r"^encoder\.", "transformer_encoder."),
+        (r"^decoder\.", "transformer_decoder."),
+        (r"^estimator\.(\d)", r"estimator.transformer_estimator.\1"),
+    ]
+    for pattern, repl in rules:
+        if re.search(pattern, name):
+            name = re.sub(pattern, repl, name)
+            break
+    if not name.startswith("image_tokenizer"):
+        name = (name.replace("attn.qkv.", "attn.to_qkv.").replace("attn.proj.", "attn.fc.")
+                .replace("mlp.fc1.", "mlp.mlp.0.").replace("mlp.fc2.", "mlp.mlp.2."))
+    return name
+
+
+def release_state_dict(model):
+    return {to_release_name(k): v.clone() for k, v in model.state_dict().items()}
+
+
+def test_release_names_cover_the_published_checkpoint():
+    listing = SHARED / "uplvsm_state_dict_keys.txt"
+    if not listing.is_file():
+        pytest.skip(f"{listing} not present")
+    published = {}
+    for line in listing.read_text().splitlines():
+        name, shape = line.split("\t")
+        published[name] = [int(s) for s in shape.strip("[]").split(",")]
+    model = l3d.UPLVSM(l3d.Config.paper(224))
+    ours = {to_release_name(k): list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == published
+    assert sum(p.numel() for p in model.parameters()) == 260_132_743
+    assert sum(p.numel() for p in model.tokenizer.parameters()) == 86_584_320
+
+
+def test_release_checkpoint_loads_and_reproduces_outputs(tmp_path, capsys):
+    model = tiny_model()
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        render, pose = model(*inputs)
+    sd = release_state_dict(model)
+    sd["loss_computer.perceptual_loss_module.vgg.features.0.weight"] = torch.zeros(64, 3, 3, 3)
+    path = tmp_path / "uplvsm_tiny.pt"
+    torch.save({"model": sd, "optimizer": {}, "fwdbwd_pass_step": 7}, path)
+    loaded = l3d.load_model(str(path), res=64)
+    assert "ignored 1 tensor" in capsys.readouterr().out
+    assert loaded.config == model.config and not loaded.training
+    with torch.no_grad():
+        render2, pose2 = loaded(*inputs)
+    np.testing.assert_array_equal(render2.numpy(), render.numpy())
+    np.testing.assert_array_equal(pose2.numpy(), pose.numpy())
+    # the renders are real images and the quaternions unit length
+    assert render.min() >= 0 and render.max() <= 1 and render.std() > 0.01
+    np.testing.assert_allclose(pose[..., 3:].norm(dim=-1).numpy(), 1.0, atol=1e-6)
+    # release files do not record their resolution
+    with pytest.raises(ValueError, match="res=224"):
+        l3d.load_model({"model": sd})
+
+
+def test_l3d_checkpoint_round_trip():
+    model = tiny_model(3)
+    loaded = l3d.load_model({"model": model.state_dict(), "config": asdict(model.config)})
+    inputs = tiny_inputs(b=1, v_tgt=2)
+    with torch.no_grad():
+        np.testing.assert_array_equal(loaded(*inputs)[0].numpy(), model(*inputs)[0].numpy())
+
+
+def test_missing_and_misshapen_tensors_are_named():
+    sd = release_state_dict(tiny_model())
+    missing = dict(sd)
+    del missing["transformer_decoder.1.attn.fc.weight"]
+    with pytest.raises(KeyError, match=r"transformer_decoder\.1\.attn\.fc\.weight"):
+        l3d.load_model({"model": missing}, res=64)
+    wrong = dict(sd)
+    wrong["estimator.quaR_head.fc2.weight"] = torch.zeros(5, 64)
+    with pytest.raises(ValueError, match=r"estimator\.quaR_head\.fc2\.weight.*\[5, 64\]"):
+        l3d.load_model({"model": wrong}, res=64)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        l3d.load_model("nope.pt", res=64)
+
+
+def test_architecture_read_from_shapes():
+    cfg = l3d.Config(image_size=56, patch_size=8, dim=96, head_dim=16, n_encoder=3, n_estimator=2, n_decoder=1,
+                     n_latents=10, tok_depth=3, tok_heads=3, tok_registers=1, tok_pos_grid=5)
+    sd = release_state_dict(l3d.UPLVSM(cfg))
+    assert l3d.load_model({"model": sd}, res=56).config == cfg
+
+
+def test_backward_reaches_every_parameter():
+    model = tiny_model().train()
+    ctx, ctx_k, tgt, tgt_k = tiny_inputs()
+    render, _ = model(ctx, ctx_k, tgt, tgt_k)
+    F.mse_loss(render, tgt).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model().train()
+        model.grad_checkpoint = ckpt
+        ctx, ctx_k, tgt, tgt_k = tiny_inputs()
+        F.mse_loss(model(ctx, ctx_k, tgt, tgt_k)[0], tgt).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+# --- DINOv2 initialisation ------------------------------------------------------------------------
+
+
+def fake_dinov2(cfg, seed=0):
+    """A state dict in DINOv2's own names (no QK-norm; a mask token) for the tokenizer of cfg."""
+    g = torch.Generator().manual_seed(seed)
+    d, p = cfg.dim, cfg.patch_size
+    sd = {"cls_token": torch.randn(1, 1, d, generator=g), "pos_embed": torch.randn(1, 1 + cfg.tok_pos_grid ** 2, d, generator=g),
+          "register_tokens": torch.randn(1, cfg.tok_registers, d, generator=g), "mask_token": torch.randn(1, d, generator=g),
+          "patch_embed.proj.weight": torch.randn(d, 3, p, p, generator=g), "patch_embed.proj.bias": torch.randn(d, generator=g),
+          "norm.weight": torch.randn(d, generator=g), "norm.bias": torch.randn(d, generator=g)}
+    for i in range(cfg.tok_depth):
+        shapes = {"norm1.weight": [d], "norm1.bias": [d], "attn.qkv.weight": [3 * d, d], "attn.qkv.bias": [3 * d],
+                  "attn.proj.weight": [d, d], "attn.proj.bias": [d], "ls1.gamma": [d], "norm2.weight": [d], "norm2.bias": [d],
+                  "mlp.fc1.weight": [4 * d, d], "mlp.fc1.bias": [4 * d], "mlp.fc2.weight": [d, 4 * d], "mlp.fc2.bias": [d], "ls2.gamma": [d]}
+        sd.update({f"blocks.{i}.{k}": torch.randn(*s, generator=g) for k, s in shapes.items()})
+    return sd
+
+
+def test_dinov2_init_from_a_local_file_and_from_a_download(tmp_path, monkeypatch):
+    cfg = l3d.Config.tiny()
+    sd = fake_dinov2(cfg)
+    path = tmp_path / "dinov2_vitb14_reg4_pretrain.pth"
+    torch.save(sd, path)
+    model = l3d.UPLVSM(cfg)
+    l3d.load_dinov2(model, path)
+    tok = model.tokenizer.state_dict()
+    torch.testing.assert_close(tok["patch_embed.weight"], sd["patch_embed.proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(tok["blocks.1.mlp.fc2.bias"], sd["blocks.1.mlp.fc2.bias"], rtol=0, atol=0)
+    torch.testing.assert_close(tok["pos_embed"], sd["pos_embed"], rtol=0, atol=0)
+    assert torch.all(tok["blocks.0.attn.q_norm.weight"] == 1)  # new in UP-LVSM: starts at 1
+    # the download path: fetched once into the cache through a temporary file
+    monkeypatch.setattr(l3d, "CACHE_DIR", tmp_path / "cache")
+    model2 = l3d.UPLVSM(cfg)
+    l3d.load_dinov2(model2, url=path.as_uri())
+    assert (tmp_path / "cache" / path.name).is_file() and not list((tmp_path / "cache").glob("*.part"))
+    torch.testing.assert_close(model2.tokenizer.state_dict()["norm.bias"], sd["norm.bias"], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="could not download"):
+        l3d.load_dinov2(l3d.UPLVSM(cfg), url=(tmp_path / "absent.pth").as_uri())
