@@ -671,9 +671,9 @@ def load_views(frames, indices, res, patch):
 def sample_views(n_frames, rng, n_views=8, min_gap=25, max_gap=192):
     """The paper's view choice: frames s and s+g are the context (in that order), then n_views-2
     distinct frames strictly between them; g is uniform in [min_gap, min(max_gap, n_frames-1)].
-    Returns None for scenes too short to allow it."""
+    Returns None for scenes too short, which the release takes as n_frames - 1 <= min_gap."""
     hi = min(max_gap, n_frames - 1)
-    if hi < min_gap or min_gap - 1 < n_views - 2:
+    if hi <= min_gap:
         return None
     gap = rng.randint(min_gap, hi)
     start = rng.randint(0, n_frames - gap - 1)
@@ -683,8 +683,10 @@ def sample_views(n_frames, rng, n_views=8, min_gap=25, max_gap=192):
 class SceneDataset(torch.utils.data.Dataset):
     """Training samples: 2 context views and n_targets targets drawn among the 8 chosen views.
 
-    A scene that is too short or unreadable is skipped with a warning naming it, and another
-    scene is drawn in its place: one bad scene never stops a run.
+    Items are (scene index, sample seed) pairs from epoch_samples, so a sample depends on nothing
+    but its seed: a resumed run sees exactly the batches the uninterrupted run would have.
+    A scene that is too short or unreadable is skipped with a warning naming it, and another scene
+    is drawn in its place: one bad scene never stops a run.
     """
 
     def __init__(self, list_path, res, patch, n_targets=6):
@@ -696,9 +698,9 @@ class SceneDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.scenes)
 
-    def __getitem__(self, i):
-        rng = random.Random()  # seeded by the DataLoader worker's own seed, different every epoch
-        rng.seed(torch.randint(2 ** 62, ()).item())
+    def __getitem__(self, item):
+        i, seed = item
+        rng = random.Random(seed)
         for _ in range(100):
             try:
                 frames = read_scene(self.scenes[i])["frames"]
@@ -713,6 +715,17 @@ class SceneDataset(torch.utils.data.Dataset):
             tgt = rng.sample(range(len(views)), self.n_targets)  # targets may include the context views
             return images[:2], fxfycxcy[:2], images[tgt], fxfycxcy[tgt]
         raise RuntimeError(f"100 scenes in a row were unusable; check the dataset (last: {self.scenes[i]})")
+
+
+def epoch_samples(n_scenes, epoch, rank, world, seed):
+    """One rank's (scene index, sample seed) pairs for an epoch: a fresh shuffle every epoch, cut
+    into equal disjoint shares so that every rank trains on different scenes."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_scenes, generator=g)
+    seeds = torch.randint(2 ** 62, (n_scenes,), generator=g)
+    share = n_scenes // world
+    mine = slice(rank * share, (rank + 1) * share)
+    return list(zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
 def load_index_views(list_path, index_path):
@@ -840,8 +853,8 @@ def train(args):
     else:
         device = torch.device("cpu")
     cuda = device.type == "cuda"
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
 
     cfg = Config.tiny() if args.tiny else Config.paper(args.res)
     model = UPLVSM(cfg)
@@ -868,21 +881,16 @@ def train(args):
     if resumed:
         opt.load_state_dict(state["optimizer"])
         step, updates = state["step"], state["updates"]
-        if rank == 0:  # the other ranks reseed below: their streams only need to differ
-            torch.set_rng_state(state["rng"]["torch"])
-            random.setstate(state["rng"]["python"])
-    if resumed and rank:
-        torch.manual_seed(args.seed + 1000 * rank + step)
+        torch.set_rng_state(state["rng"]["torch"])  # the data order does not need these (see SceneDataset)
+        random.setstate(state["rng"]["python"])
     train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if ddp else model
     if args.compile and cuda:
         train_model = torch.compile(train_model)
     perceptual = PerceptualLoss(args.vgg).to(device) if args.perceptual > 0 else None
 
     data = SceneDataset(args.data, cfg.image_size, cfg.patch_size)
-    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, seed=args.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=cuda, drop_last=True, persistent_workers=args.workers > 0)
-    if len(loader) == 0:
+    per_epoch = len(data) // world // args.batch
+    if per_epoch == 0:
         raise ValueError(f"{args.data}: {len(data)} scenes over {world} rank(s) make no batch of {args.batch}")
     heldout_views = []
     if args.eval_index and Path(args.eval_index).is_file():
@@ -898,16 +906,17 @@ def train(args):
                 "step": step, "updates": updates, "args": vars(args),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
-    def batches():
-        epoch = step // len(loader)
+    def batches(step):
+        epoch, skip = divmod(step, per_epoch)
         while True:
-            sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
+            samples = epoch_samples(len(data), epoch, rank, world, args.seed)[skip * args.batch:]
+            yield from torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=samples, drop_last=True,
+                                                   num_workers=args.workers, pin_memory=cuda)
+            epoch, skip = epoch + 1, 0
 
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    it = batches()
+    it = batches(step)
     tick = time.time()
     while step < args.steps:
         ctx, ctx_k, tgt, tgt_k = (x.to(device, non_blocking=True) for x in next(it))

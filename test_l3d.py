@@ -1,6 +1,11 @@
 """Tests of l3d.py on CPU with tiny configs. Every check compares against maths written here."""
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -345,3 +350,236 @@ def test_dinov2_init_from_a_local_file_and_from_a_download(tmp_path, monkeypatch
     torch.testing.assert_close(model2.tokenizer.state_dict()["norm.bias"], sd["norm.bias"], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="could not download"):
         l3d.load_dinov2(l3d.UPLVSM(cfg), url=(tmp_path / "absent.pth").as_uri())
+
+
+# --- perceptual loss ------------------------------------------------------------------------------
+
+VGG_CONVS = [("conv1_1", 3, 64), ("conv1_2", 64, 64), ("conv2_1", 64, 128), ("conv2_2", 128, 128),
+             ("conv3_1", 128, 256), ("conv3_2", 256, 256), ("conv3_3", 256, 256), ("conv3_4", 256, 256),
+             ("conv4_1", 256, 512), ("conv4_2", 512, 512), ("conv4_3", 512, 512), ("conv4_4", 512, 512),
+             ("conv5_1", 512, 512), ("conv5_2", 512, 512)]
+
+
+def fake_matconvnet_vgg(path, seed=0):
+    """A MatConvNet-layout .mat: a cell array of layer structs, conv weights [h, w, in, out] and biases [out, 1]."""
+    import scipy.io
+    rng = np.random.default_rng(seed)
+    layers, weights = [], {}
+    for name, cin, cout in VGG_CONVS:
+        w = rng.normal(0, math.sqrt(2 / (9 * cin)), (3, 3, cin, cout)).astype(np.float32)
+        b = rng.normal(0, 0.1, (cout, 1)).astype(np.float32)
+        cell = np.empty((1, 2), dtype=object)
+        cell[0, 0], cell[0, 1] = w, b
+        layers.append({"name": name, "type": "conv", "weights": cell})
+        layers.append({"name": "relu" + name[4:], "type": "relu"})
+        weights[name] = (w, b)
+    cells = np.empty((1, len(layers)), dtype=object)
+    for i, layer in enumerate(layers):
+        cells[0, i] = layer
+    scipy.io.savemat(path, {"layers": cells})
+    return weights
+
+
+def test_perceptual_loss_against_float64_vgg(tmp_path):
+    weights = fake_matconvnet_vgg(tmp_path / "vgg.mat")
+    loss_fn = l3d.PerceptualLoss(tmp_path / "vgg.mat")
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+
+    def conv(x, name):
+        w, b = weights[name]
+        return F.relu(F.conv2d(x, torch.tensor(w, dtype=torch.float64).permute(3, 2, 0, 1),
+                               torch.tensor(b[:, 0], dtype=torch.float64), padding=1))
+
+    def features(img):
+        x = img.double() * 255 - torch.tensor([123.68, 116.779, 103.939], dtype=torch.float64).reshape(1, 3, 1, 1)
+        out = [x]
+        for stage, names in enumerate([["conv1_1", "conv1_2"], ["conv2_1", "conv2_2"], ["conv3_1", "conv3_2", "conv3_3", "conv3_4"],
+                                       ["conv4_1", "conv4_2", "conv4_3", "conv4_4"], ["conv5_1", "conv5_2"]]):
+            if stage:
+                x = F.avg_pool2d(x, 2)
+            for name in names:
+                x = conv(x, name)
+                if name in ("conv1_2", "conv2_2", "conv3_2", "conv4_2", "conv5_2"):
+                    out.append(x)
+        return out
+
+    scales = [1, 1 / 2.6, 1 / 4.8, 1 / 3.7, 1 / 5.6, 10 / 1.5]
+    expected = sum(s * (a - b).abs().mean() for s, a, b in zip(scales, features(pred), features(target))) / 255
+    got = loss_fn(pred, target)
+    assert abs(got.item() - expected.item()) < 1e-5 * expected.item()
+    assert not any(p.requires_grad for p in loss_fn.parameters())
+
+
+# --- training pieces ------------------------------------------------------------------------------
+
+
+def test_learning_rate_schedule():
+    peak, warm, total = 4e-4, 4000, 100_000
+    for step, expected in [(0, 0.0), (1000, 1e-4), (2000, 2e-4), (4000, 4e-4),
+                           (28_000, 4e-4 * 0.5 * (1 + math.sqrt(0.5))), (52_000, 2e-4), (100_000, 0.0)]:
+        assert l3d.lr_at(step, peak, warm, total) == pytest.approx(expected, abs=1e-12)
+
+
+def test_weight_decay_only_on_matrices():
+    model = l3d.UPLVSM(l3d.Config.tiny())
+    opt = l3d.make_optimizer(model, 1e-3)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[i] for i in decayed}
+    for must in ["latents", "tokenizer.pos_embed", "tokenizer.patch_embed.weight", "encoder.0.attn.qkv.weight",
+                 "to_pixels.weight", "rotation_head.fc2.weight"]:
+        assert must in decayed
+    for never in ["tokenizer.blocks.0.ls1.gamma", "tokenizer.blocks.0.attn.qkv.bias", "encoder.0.norm1.weight",
+                  "encoder.0.attn.q_norm.weight", "rotation_head.fc2.bias", "decoder_norm_out.weight"]:
+        assert never not in decayed
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_clip_and_skip_rule():
+    p = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))]
+    p[0].grad, p[1].grad = torch.tensor([3.0, 0, 0, 0]), torch.zeros(3)
+    skip, norm = l3d.clip_or_skip(p, clip=1.0)
+    assert not skip and norm == pytest.approx(3.0)
+    assert p[0].grad.norm().item() == pytest.approx(1.0, rel=1e-5)  # clipped
+    p[0].grad, p[1].grad = torch.tensor([3.0, 0, 0, 0]), torch.tensor([0, 4.0, 0])
+    skip, norm = l3d.clip_or_skip(p, clip=1.0)
+    assert skip and norm == pytest.approx(5.0)  # above 4 x the clip: the update is skipped
+    p[0].grad, p[1].grad = torch.tensor([float("nan"), 2.0, float("inf"), 0]), torch.zeros(3)
+    skip, norm = l3d.clip_or_skip(p, clip=1.0)
+    assert not skip and norm == pytest.approx(2.0) and torch.isfinite(p[0].grad).all()
+
+
+def test_view_selection_obeys_the_gap_rules():
+    import random
+    rng = random.Random(0)
+    assert l3d.sample_views(26, rng) is None  # the release wants n_frames - 1 > 25
+    seen_gaps = set()
+    for n in (27, 40, 300):
+        for _ in range(300):
+            views = l3d.sample_views(n, rng)
+            s, e, between = views[0], views[1], views[2:]
+            gap = e - s
+            seen_gaps.add(gap)
+            assert 25 <= gap <= min(192, n - 1) and 0 <= s and e < n
+            assert len(between) == 6 and len(set(between)) == 6 and all(s < f < e for f in between)
+    assert min(seen_gaps) == 25 and max(seen_gaps) == 192
+
+
+def test_preprocessing_moves_intrinsics_with_the_crop(tmp_path):
+    from PIL import Image
+    # 100 x 50 frame with a bright stripe over pixels 71 and 72: its centre is x = 72.0 in continuous
+    # coordinates (pixel edges), where the intrinsics live
+    img = np.zeros((50, 100, 3), np.uint8)
+    img[:, 71:73] = 255
+    Image.fromarray(img).save(tmp_path / "f.png")
+    image, k = l3d.load_view(tmp_path / "f.png", [80.0, 40.0, 50.0, 25.0], res=32, patch=8)
+    # height 50 -> 32 (x0.64); width 100 -> 64, already a multiple of 8; crop 16 px from the left
+    np.testing.assert_allclose(k.numpy(), [80 * 0.64, 40 * 0.64, 50 * 0.64 - 16, 25 * 0.64], rtol=1e-6)
+    assert image.shape == (3, 32, 32)
+    # the stripe moves like a projected point: to 72 * 0.64 - 16 continuous, i.e. pixel index that - 0.5
+    profile = image[0].mean(0).double()
+    centre = (profile * torch.arange(32)).sum() / profile.sum()
+    assert abs(centre.item() - (72 * 0.64 - 16 - 0.5)) < 0.1
+
+
+# --- runs: resume after SIGKILL, and DDP over 2 CPU processes -------------------------------------
+
+REPO = Path(__file__).resolve().parent
+
+
+def write_scenes(root, n_scenes, n_frames=30, seed=0):
+    """A processed split of random 112x64 frames: root/{images,metadata}, root/full_list.txt."""
+    import json
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    metas = []
+    for s in range(n_scenes):
+        name = f"scene{s:03d}"
+        (root / "images" / name).mkdir(parents=True)
+        (root / "metadata").mkdir(exist_ok=True)
+        frames = []
+        for i in range(n_frames):
+            path = root / "images" / name / f"{i:05d}.png"
+            Image.fromarray(rng.integers(0, 256, (64, 112, 3), dtype=np.uint8)).save(path)
+            frames.append({"image_path": str(path), "fxfycxcy": [60.0, 60.0, 56.0, 32.0], "w2c": np.eye(4).tolist()})
+        meta = root / "metadata" / f"{name}.json"
+        meta.write_text(json.dumps({"scene_name": name, "frames": frames}))
+        metas.append(str(meta))
+    (root / "full_list.txt").write_text("\n".join(metas) + "\n")
+    return root / "full_list.txt"
+
+
+def l3d_command(data, out, steps, *extra):
+    return [sys.executable, str(REPO / "l3d.py"), "--tiny", "--data", str(data), "--out", str(out), "--steps", str(steps),
+            "--batch", "2", "--warmup", "0", "--save_every", "3", "--eval_every", "1000", "--workers", "0", *extra]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    data = write_scenes(tmp_path / "train", 6)
+    steps = 30
+    subprocess.run(l3d_command(data, tmp_path / "straight", steps), check=True, capture_output=True)
+    cmd = l3d_command(data, tmp_path / "killed", steps)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed").glob("ckpt_*.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = sorted((tmp_path / "killed").glob("ckpt_*.pt"))
+    assert first and int(first[-1].stem.split("_")[1]) < steps, "the kill came too late to test anything"
+    for path in first:  # whatever the kill interrupted, every checkpoint on disk loads
+        torch.load(path, weights_only=True)
+    resumed = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert f"resuming from {first[-1]}" in resumed.stdout
+    a = torch.load(tmp_path / "straight" / f"ckpt_{steps:07d}.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / f"ckpt_{steps:07d}.pt", weights_only=True)
+    assert a["step"] == b["step"] == steps
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+        assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+    assert len(list((tmp_path / "killed").glob("ckpt_*.pt"))) <= 3  # --keep
+
+
+DDP_PROBE = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import l3d
+
+real_step = torch.optim.AdamW.step
+
+
+def checked_step(self, *args, **kwargs):
+    out = real_step(self, *args, **kwargs)
+    flat = torch.cat([p.detach().flatten() for g in self.param_groups for p in g["params"]])
+    every = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, flat)
+    with open({log!r} + str(dist.get_rank()), "a") as f:
+        f.write(f"{{(every[0] - every[1]).abs().max().item()}} {{flat.double().abs().sum().item()}}\\n")
+    return out
+
+
+torch.optim.AdamW.step = checked_step
+l3d.train(l3d.parse_args(sys.argv[1:]))
+"""
+
+
+def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
+    data = write_scenes(tmp_path / "train", 8)
+    probe = tmp_path / "probe.py"
+    probe.write_text(DDP_PROBE.format(repo=str(REPO), log=str(tmp_path / "log")))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(probe)]
+    cmd += l3d_command(data, tmp_path / "run", 4)[2:]
+    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=240)
+    for rank in (0, 1):
+        rows = [line.split() for line in (tmp_path / f"log{rank}").read_text().splitlines()]
+        assert len(rows) == 4
+        assert all(float(diff) == 0.0 for diff, _ in rows)  # identical on both ranks after every step
+        sums = [float(s) for _, s in rows]
+        assert len(set(sums)) == 4  # and they did change every step
