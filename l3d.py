@@ -22,12 +22,12 @@ Render with the released weights:
 
 import argparse
 import json
-import random
-import warnings
 import math
 import os
+import random
 import time
 import urllib.request
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # Config: the architecture, saved inside every checkpoint
@@ -508,7 +509,6 @@ def load_model(ckpt, res=None):
 
 def download(url, dest):
     """Download url to dest once (through a temporary file, so a killed download leaves nothing)."""
-    from tqdm import tqdm
     dest = Path(dest)
     if dest.is_file():
         return dest
@@ -861,9 +861,9 @@ def train(args):
     out = Path(args.out)
     resumed = latest_checkpoint(out) if out.is_dir() else None
     if resumed:
-        path, state = resumed
-        model.load_state_dict(state["model"])
-        print0(f"resuming from {path} at step {state['step']}")
+        path, ckpt = resumed
+        model.load_state_dict(ckpt["model"])
+        print0(f"resuming from {path} at step {ckpt['step']}")
     elif args.init:
         init = load_model(args.init, res=cfg.image_size)
         if replace(init.config, image_size=cfg.image_size) != cfg:
@@ -879,10 +879,10 @@ def train(args):
     opt = make_optimizer(model, args.lr, fused=cuda)
     step, updates = 0, 0
     if resumed:
-        opt.load_state_dict(state["optimizer"])
-        step, updates = state["step"], state["updates"]
-        torch.set_rng_state(state["rng"]["torch"])  # the data order does not need these (see SceneDataset)
-        random.setstate(state["rng"]["python"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, updates = ckpt["step"], ckpt["updates"]
+        torch.set_rng_state(ckpt["rng"]["torch"])  # the data order does not need these (see SceneDataset)
+        random.setstate(ckpt["rng"]["python"])
     train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if ddp else model
     if args.compile and cuda:
         train_model = torch.compile(train_model)
@@ -914,7 +914,6 @@ def train(args):
                                                    num_workers=args.workers, pin_memory=cuda)
             epoch, skip = epoch + 1, 0
 
-    from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     it = batches(step)
     tick = time.time()
