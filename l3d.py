@@ -836,7 +836,7 @@ def model_flops(cfg, v_ctx=2, v_tgt=6):
     tok = 2 * 3 * cfg.patch_size ** 2 * d * n + blocks(cfg.tok_depth, 1 + cfg.tok_registers + n)
     return ((v_ctx + v_tgt) * tok + blocks(cfg.n_encoder, L + v_ctx * n)
             + blocks(cfg.n_estimator, n + L, v_tgt) + blocks(cfg.n_decoder, n + L, v_tgt)
-            + 2 * 2 * 6 * cfg.patch_size ** 2 * d * n * (1 + v_tgt) + 2 * d * 3 * cfg.patch_size ** 2 * n * v_tgt)
+            + 2 * 6 * cfg.patch_size ** 2 * d * n * (1 + v_tgt) + 2 * d * 3 * cfg.patch_size ** 2 * n * v_tgt)
 
 
 def train(args):

@@ -583,3 +583,13 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
         assert all(float(diff) == 0.0 for diff, _ in rows)  # identical on both ranks after every step
         sums = [float(s) for _, s in rows]
         assert len(set(sums)) == 4  # and they did change every step
+
+
+def test_bench_flop_formula_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = l3d.Config.tiny()
+    ctx, ctx_k, tgt, tgt_k = tiny_inputs(b=1, v_tgt=6)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        l3d.UPLVSM(cfg)(ctx, ctx_k, tgt, tgt_k)
+    # the formula leaves out the pose heads' few matmuls
+    assert abs(l3d.model_flops(cfg) / counter.get_total_flops() - 1) < 1e-3
