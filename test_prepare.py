@@ -1,0 +1,303 @@
+"""
+Tests of prepare.py, on the CPU in seconds: RealEstate10K conversion of chunks made here with
+Pillow, and the geometry of the generated rooms checked with numpy maths written here.
+
+    python -m pytest -q test_prepare.py
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import prepare
+
+# -----------------------------------------------------------------------------
+# Chunks in pixelSplat's format, made by hand
+
+
+def jpeg(seed, w=64, h=36):
+    """Smooth random colours plus a little noise, as JPEG bytes."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    pixels = np.clip(np.asarray(coarse, dtype=np.int16) + rng.integers(-8, 9, (h, w, 3)), 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def camera(k):
+    """Row k of a scene's cameras: fx, fy, cx, cy over the image size, two unused numbers, the 3x4 w2c."""
+    a = 0.1 * k
+    w2c = [[np.cos(a), 0, np.sin(a), k], [0, 1, 0, -1], [-np.sin(a), 0, np.cos(a), 2]]
+    return [0.5 + 0.01 * k, 0.9, 0.5, 0.45, 0.0, 0.0, *np.ravel(w2c)]
+
+
+def scene(key, n, seed, w=64, h=36):
+    return {"key": key, "url": f"https://youtube.com/{key}", "timestamps": torch.arange(n) * 33_000,
+            "cameras": torch.tensor([camera(k) for k in range(n)], dtype=torch.float32),
+            "images": [torch.frombuffer(bytearray(jpeg(seed + k, w, h)), dtype=torch.uint8) for k in range(n)]}
+
+
+@pytest.fixture
+def chunks(tmp_path):
+    """src/train: two chunks of three scenes (one of 48x30 frames), src/test: one chunk of one scene."""
+    src = tmp_path / "src"
+    scenes = {"train": [[scene("aaa", 3, 0), scene("bbb", 4, 10)], [scene("ccc", 2, 20, w=48, h=30)]],
+              "test": [[scene("ddd", 3, 30)]]}
+    for split, split_chunks in scenes.items():
+        (src / split).mkdir(parents=True)
+        for i, chunk in enumerate(split_chunks):
+            torch.save(chunk, src / split / f"{i:06d}.torch")
+    by_key = {s["key"]: (split, s) for split, split_chunks in scenes.items() for c in split_chunks for s in c}
+    return src, by_key
+
+
+def decoded(data_or_path):
+    src = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
+    with Image.open(src) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def mtimes(folder):
+    return {p: p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.is_file()}
+
+
+# -----------------------------------------------------------------------------
+# RealEstate10K conversion
+
+
+@pytest.mark.parametrize("png", [False, True])
+def test_frames_cameras_and_list(chunks, tmp_path, png):
+    src, by_key = chunks
+    out = tmp_path / "out"
+    summary = prepare.convert_re10k(src, out, png=png, workers=1)
+    assert (summary["scenes"], summary["frames"]) == (4, 12)
+    assert summary["bytes"] == sum(p.stat().st_size for p in out.rglob(f"*.{'png' if png else 'jpg'}"))
+
+    for key, (split, s) in by_key.items():
+        meta = json.loads((out / split / "metadata" / f"{key}.json").read_text())
+        assert set(meta) == {"scene_name", "frames"} and meta["scene_name"] == key
+        assert len(meta["frames"]) == len(s["images"])
+        for k, (frame, data) in enumerate(zip(meta["frames"], s["images"])):
+            assert set(frame) == {"image_path", "fxfycxcy", "w2c"}
+            path = Path(frame["image_path"])
+            assert path.is_absolute() and path == out.absolute() / split / "images" / key / f"{k:05d}.{'png' if png else 'jpg'}"
+            data = data.numpy().tobytes()
+            if not png:
+                assert path.read_bytes() == data  # the JPEG is kept as it came
+            assert np.array_equal(decoded(path), decoded(data))
+            w, h = (48, 30) if key == "ccc" else (64, 36)
+            fx, fy, cx, cy = np.float32([0.5 + 0.01 * k, 0.9, 0.5, 0.45]).tolist()
+            assert frame["fxfycxcy"] == pytest.approx([fx * w, fy * h, cx * w, cy * h], rel=1e-12)
+            assert frame["fxfycxcy"] == pytest.approx([(0.5 + 0.01 * k) * w, 0.9 * h, w / 2, 0.45 * h], rel=1e-6)
+            w2c = np.array(frame["w2c"])
+            a = 0.1 * k
+            expected = [[np.cos(a), 0, np.sin(a), k], [0, 1, 0, -1], [-np.sin(a), 0, np.cos(a), 2], [0, 0, 0, 1]]
+            np.testing.assert_allclose(w2c, expected, atol=1e-7)
+
+    for split in ("train", "test"):
+        listed = (out / split / "full_list.txt").read_text().splitlines()
+        assert listed == sorted(str(p.absolute()) for p in (out / split / "metadata").glob("*.json"))
+        assert [Path(p).stem for p in listed] == sorted(k for k, (s, _) in by_key.items() if s == split)
+
+
+def test_bad_input_is_skipped_and_named(chunks, tmp_path, capsys):
+    src, _ = chunks
+    bad_frame = scene("eee", 3, 40)
+    bad_frame["images"][1] = torch.frombuffer(bytearray(b"not a jpeg at all"), dtype=torch.uint8)
+    truncated = scene("fff", 3, 50)
+    truncated["images"][2] = truncated["images"][2][:200]
+    miscounted = scene("ggg", 3, 60)
+    miscounted["images"].pop()
+    torch.save([bad_frame, truncated, miscounted, scene("hhh", 2, 70)], src / "train" / "000002.torch")
+    (src / "train" / "000003.torch").write_text("this is not a torch file")
+
+    out = tmp_path / "out"
+    summary = prepare.convert_re10k(src, out, workers=1)
+    err = capsys.readouterr().err
+    assert sorted(name for name, _, _ in summary["bad_scenes"]) == ["eee", "fff", "ggg"]
+    assert [Path(c).name for c, _ in summary["bad_chunks"]] == ["000003.torch"]
+    for name, why in (("eee", "frame 1"), ("fff", "frame 2"), ("ggg", "3 cameras but 2 images")):
+        assert any(name in line and "000002.torch" in line and why in line for line in err.splitlines()), err
+        assert not (out / "train" / "metadata" / f"{name}.json").exists()
+        assert not (out / "train" / "images" / name).exists()  # no half-written scene left behind
+    assert "000003.torch" in err
+    assert summary["scenes"] == 5  # aaa, bbb, ccc, hhh and the test split's ddd
+    listed = [Path(p).stem for p in (out / "train" / "full_list.txt").read_text().splitlines()]
+    assert listed == ["aaa", "bbb", "ccc", "hhh"]
+
+
+def test_rerun_is_a_no_op(chunks, tmp_path):
+    src, _ = chunks
+    out = tmp_path / "out"
+    prepare.convert_re10k(src, out, workers=1)
+    before = mtimes(out)
+    summary = prepare.convert_re10k(src, out, workers=1)
+    assert (summary["scenes"], summary["done_before"]) == (0, 4)
+    assert mtimes(out) == before
+
+
+def test_interrupted_run_completes(chunks, tmp_path):
+    src, by_key = chunks
+    out = tmp_path / "out"
+    prepare.convert_re10k(src, out, workers=1)
+    full_list = (out / "train" / "full_list.txt").read_text()
+    # a run killed inside scene bbb: frames half written, its metadata not yet renamed into place
+    (out / "train" / "metadata" / "bbb.json").rename(out / "train" / "metadata" / "bbb.json.tmp")
+    (out / "train" / "images" / "bbb" / "00003.jpg").unlink()
+    (out / "train" / "images" / "bbb" / "00002.jpg").write_bytes(b"half a jpeg")
+    (out / "train" / "images" / "bbb" / "00007.png").write_bytes(b"left by another run")
+    untouched = {p: t for p, t in mtimes(out).items() if "bbb" not in p.name and "bbb" not in p.parent.name
+                 and p.name != "full_list.txt"}
+
+    summary = prepare.convert_re10k(src, out, workers=1)
+    assert (summary["scenes"], summary["done_before"]) == (1, 3)
+    assert (out / "train" / "full_list.txt").read_text() == full_list
+    assert sorted(p.name for p in (out / "train" / "images" / "bbb").iterdir()) == [f"{k:05d}.jpg" for k in range(4)]
+    for k, data in enumerate(by_key["bbb"][1]["images"]):
+        assert (out / "train" / "images" / "bbb" / f"{k:05d}.jpg").read_bytes() == data.numpy().tobytes()
+    assert {p: t for p, t in mtimes(out).items() if p in untouched} == untouched
+
+
+def test_command_line_with_two_workers(chunks, tmp_path):
+    src, _ = chunks
+    out = tmp_path / "out"
+    cmd = [sys.executable, "prepare.py", "re10k", "--src", str(src), "--out", str(out), "--split", "train",
+           "--workers", "2"]
+    run = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "converted 3 scenes, 9 frames" in run.stdout
+    assert not (out / "test").exists()
+    assert len((out / "train" / "full_list.txt").read_text().splitlines()) == 3
+
+
+# -----------------------------------------------------------------------------
+# Generated rooms
+
+SEED, W, H, FRAMES = 3, 48, 32, 30
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    prepare.make_synthetic(out, size=(W, H), frames=FRAMES, train_scenes=2, test_scenes=1, seed=SEED, workers=1)
+    return out
+
+
+def saved_cameras(split_dir, name):
+    frames = json.loads((split_dir / "metadata" / f"{name}.json").read_text())["frames"]
+    return np.array([f["fxfycxcy"] for f in frames]), np.array([f["w2c"] for f in frames]), frames
+
+
+def project(w2c, fxfycxcy, points):
+    """World points [n, 3] -> pixel coordinates [n, 2] (x right, y down, pixel centres at +0.5) and depth [n]."""
+    cam = points @ w2c[:3, :3].T + w2c[:3, 3]
+    fx, fy, cx, cy = fxfycxcy
+    return np.stack([fx * cam[:, 0] / cam[:, 2] + cx, fy * cam[:, 1] / cam[:, 2] + cy], 1), cam[:, 2]
+
+
+def test_layout_and_index(synthetic):
+    for split, n in (("train", 2), ("test", 1)):
+        listed = (synthetic / split / "full_list.txt").read_text().splitlines()
+        assert [Path(p).name for p in listed] == [f"{split}_{k:05d}.json" for k in range(n)]
+        for meta in listed:
+            frames = json.loads(Path(meta).read_text())["frames"]
+            assert len(frames) == FRAMES
+            for f in frames:
+                with Image.open(f["image_path"]) as img:
+                    assert (img.size, img.mode, img.format) == ((W, H), "RGB", "PNG")
+    index = json.loads((synthetic / "test" / "evaluation_index.json").read_text())
+    (i, j), targets = index["test_00000"]["context"], index["test_00000"]["target"]
+    assert 25 <= j - i <= FRAMES - 1 and j < FRAMES
+    assert len(set(targets)) == 3 and all(i + (j - i) // 4 <= t < j - (j - i) // 4 for t in targets)
+    # same settings: nothing to do; other settings: refused rather than mixed
+    before = mtimes(synthetic)
+    prepare.make_synthetic(synthetic, size=(W, H), frames=FRAMES, train_scenes=2, test_scenes=1, seed=SEED)
+    assert mtimes(synthetic) == before
+    with pytest.raises(FileExistsError, match="other settings"):
+        prepare.make_synthetic(synthetic, size=(W, H), frames=FRAMES, train_scenes=3, test_scenes=1, seed=SEED)
+
+
+def test_generation_is_deterministic(synthetic, tmp_path):
+    prepare.make_synthetic(tmp_path, size=(W, H), frames=FRAMES, train_scenes=1, test_scenes=0, seed=SEED, workers=1)
+    for k in (0, FRAMES - 1):
+        a = synthetic / "train" / "images" / "train_00000" / f"{k:05d}.png"
+        assert np.array_equal(decoded(a), decoded(tmp_path / "train" / "images" / "train_00000" / f"{k:05d}.png"))
+
+
+def test_camera_conventions(synthetic):
+    fxfycxcy, w2c, _ = saved_cameras(synthetic / "train", "train_00001")
+    centres, yaw, pitch = prepare.camera_walk(np.random.default_rng((SEED, 0, 1)), FRAMES)
+    c2w = np.linalg.inv(w2c)
+    np.testing.assert_allclose(c2w[:, :3, 3], centres, atol=1e-9)  # the camera centre is on the walk
+    steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
+    assert steps.max() < 0.07 and np.abs(np.diff(yaw, 2)).max() < np.radians(0.1)  # smooth walking
+    np.testing.assert_allclose(c2w[:, :3, :3] @ c2w[:, :3, :3].transpose(0, 2, 1), np.broadcast_to(np.eye(3), (FRAMES, 3, 3)), atol=1e-12)
+    np.testing.assert_allclose(np.linalg.det(c2w[:, :3, :3]), 1, atol=1e-12)
+    f = fxfycxcy[0, 0]
+    assert np.all(fxfycxcy == [f, f, W / 2, H / 2]) and 0.55 * W <= f <= 0.7 * W
+
+    for k in range(FRAMES):
+        forward = np.array([np.cos(pitch[k]) * np.cos(yaw[k]), np.cos(pitch[k]) * np.sin(yaw[k]), np.sin(pitch[k])])
+        right = np.array([np.sin(yaw[k]), -np.cos(yaw[k]), 0])  # heading turned clockwise, seen from above
+        ahead, above, to_right = centres[k] + 3 * forward, centres[k] + 3 * forward + [0, 0, 0.5], centres[k] + 3 * forward + 0.5 * right
+        (p_ahead, p_above, p_right), depth = project(w2c[k], fxfycxcy[k], np.stack([ahead, above, to_right]))
+        np.testing.assert_allclose(p_ahead, [W / 2, H / 2], atol=1e-9)  # straight ahead: the principal point
+        np.testing.assert_allclose(depth[0], 3, atol=1e-12)
+        assert p_above[1] < H / 2 - 1 and abs(p_above[0] - W / 2) < 1e-6  # y points down
+        assert p_right[0] > W / 2 + 1  # x points right
+
+
+def test_views_agree_on_3d_points(synthetic):
+    """A surface point seen at a pixel of one view is drawn in the same colour where it projects in another."""
+    fxfycxcy, w2c, frames = saved_cameras(synthetic / "train", "train_00000")
+    room, _, _ = prepare.random_scene(np.random.default_rng((SEED, 0, 0)), FRAMES, W, H)
+    a, b = 0, 12
+    image_a, image_b = (decoded(frames[k]["image_path"]).astype(np.float64) for k in (a, b))
+    # rays through every pixel centre of view a, by the conventions of SPEC section 1
+    fx, fy, cx, cy = fxfycxcy[a]
+    x, y = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    c2w_a = np.linalg.inv(w2c[a])
+    dirs = np.stack([(x.ravel() - cx) / fx, (y.ravel() - cy) / fy, np.ones(W * H)], 1) @ c2w_a[:3, :3].T
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    points, normals, albedo = prepare.cast(room, c2w_a[:3, 3], dirs.T)
+    # the renderer, one ray per pixel, shoots the same rays; with 2 x 2 it drew the saved picture
+    one_ray = prepare.shade(room, normals, albedo).T.reshape(H, W, 3)  # [3, h*w] -> [h, w, 3]
+    np.testing.assert_allclose(prepare.render(room, c2w_a[None], fxfycxcy[a], W, H, ss=1)[0], 255 * one_ray, atol=0.51)
+    assert np.abs(prepare.render(room, c2w_a[None], fxfycxcy[a], W, H)[0] - image_a).max() <= 1
+    points = points.T.astype(np.float64)  # [3, n] -> [n, 3] the surfaces hit
+    # each hit is where the ray is, and where view a's pixel is
+    along = ((points - c2w_a[:3, 3]) * dirs).sum(1)
+    np.testing.assert_allclose(points, c2w_a[:3, 3] + along[:, None] * dirs, atol=1e-4)
+    pix_a, _ = project(w2c[a], fxfycxcy[a], points)
+    np.testing.assert_allclose(pix_a, np.stack([x.ravel(), y.ravel()], 1), atol=1e-3)
+
+    # the same points in view b: keep those in frame and not hidden behind something else
+    pix_b, depth_b = project(w2c[b], fxfycxcy[b], points)
+    c2w_b = np.linalg.inv(w2c[b])
+    to_points = points - c2w_b[:3, 3]
+    seen = prepare.cast(room, c2w_b[:3, 3], (to_points / np.linalg.norm(to_points, axis=1, keepdims=True)).T)[0].T
+    visible = ((depth_b > 0) & (pix_b[:, 0] >= 1) & (pix_b[:, 0] < W - 1) & (pix_b[:, 1] >= 1) & (pix_b[:, 1] < H - 1)
+               & (np.linalg.norm(seen - points, axis=1) < 1e-3))
+    assert visible.mean() > 0.3, "views 0 and 12 should share much of the scene"
+    # pixels on edges blend their neighbours differently in each view: compare inside flat areas
+    padded = np.pad(image_a, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    flat = np.all([padded[1 + dy:1 + dy + H, 1 + dx:1 + dx + W] == image_a for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
+                  axis=(0, 3)).ravel()  # [h, w] -> [h*w]
+    keep = visible & flat
+    assert keep.sum() > 100
+    colour_a = image_a.reshape(-1, 3)[keep]  # [h, w, 3] -> [h*w, 3]
+    colour_b = image_b[pix_b[keep, 1].astype(int), pix_b[keep, 0].astype(int)]
+    diff = np.abs(colour_a - colour_b).max(1)
+    assert np.mean(diff <= 2) > 0.9, np.mean(diff <= 2)
+    # and the pixels of another spot would not agree
+    shuffled = colour_b[np.random.default_rng(0).permutation(len(colour_b))]
+    assert np.mean(np.abs(colour_a - shuffled).max(1) <= 2) < 0.5
