@@ -247,7 +247,7 @@ def test_release_checkpoint_loads_and_reproduces_outputs(tmp_path, capsys):
     sd["loss_computer.perceptual_loss_module.vgg.features.0.weight"] = torch.zeros(64, 3, 3, 3)
     path = tmp_path / "uplvsm_tiny.pt"
     torch.save({"model": sd, "optimizer": {}, "fwdbwd_pass_step": 7}, path)
-    loaded = l3d.load_model(str(path), res=64)
+    loaded = l3d.load_model(str(path), res=model.config.image_size)
     assert "ignored 1 tensor" in capsys.readouterr().out
     assert loaded.config == model.config and not loaded.training
     with torch.no_grad():
