@@ -1,0 +1,279 @@
+"""Tests of eval.py on CPU: metrics against float64 maths written here, and whole runs on tiny generated scenes."""
+
+import functools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import l3d
+
+REPO = Path(__file__).resolve().parent
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def test_psnr_against_float64():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(4, 3, 20, 17, generator=g) * 1.4 - 0.2  # partly outside [0, 1]: PSNR clamps first
+    gt = torch.rand(4, 3, 20, 17, generator=g)
+    p, t = np.clip(pred.numpy().astype(np.float64), 0, 1), gt.numpy().astype(np.float64)
+    expected = [-10 * math.log10(((p[i] - t[i]) ** 2).mean()) for i in range(4)]
+    got = ev.psnr(pred, gt)
+    assert got.dtype == torch.float64 and got.shape == (4,)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-10)
+    # a constant error of 0.1 everywhere is an MSE of 0.01: 20 dB
+    assert ev.psnr(torch.full((1, 3, 8, 8), 0.1, dtype=torch.float64), torch.zeros(1, 3, 8, 8)).item() == pytest.approx(20.0, abs=1e-12)
+
+
+def ssim_like_scikit_image(x, y):
+    """scikit-image's SSIM of two [3, H, W] images written out literally in float64: pad with scipy's
+    "reflect" (edge pixel repeated), weight an 11 x 11 gaussian window at every pixel, sample
+    covariances, crop 5 pixels off every side of the map, mean per channel, then over channels."""
+    r, c1, c2 = 5, 0.01 ** 2, 0.03 ** 2
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / 1.5) ** 2)
+    window = np.outer(g, g) / np.outer(g, g).sum()
+    cov_norm = 121 / 120
+    _, h, w = x.shape
+
+    def reflect(i, n):
+        return -1 - i if i < 0 else (2 * n - 1 - i if i >= n else i)
+
+    rows = [reflect(i, h) for i in range(-r, h + r)]
+    cols = [reflect(j, w) for j in range(-r, w + r)]
+    per_channel = []
+    for ch in range(3):
+        px, py = x[ch][np.ix_(rows, cols)], y[ch][np.ix_(rows, cols)]
+        s = np.zeros((h, w))
+        for i in range(h):
+            for j in range(w):
+                a, b = px[i:i + 2 * r + 1, j:j + 2 * r + 1], py[i:i + 2 * r + 1, j:j + 2 * r + 1]
+                mx, my = (window * a).sum(), (window * b).sum()
+                vx = cov_norm * ((window * a * a).sum() - mx * mx)
+                vy = cov_norm * ((window * b * b).sum() - my * my)
+                vxy = cov_norm * ((window * a * b).sum() - mx * my)
+                s[i, j] = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        per_channel.append(s[r:h - r, r:w - r].mean())
+    return float(np.mean(per_channel))
+
+
+def test_ssim_window_by_window():
+    rng = np.random.default_rng(0)
+    gt = rng.random((2, 3, 16, 13))
+    pred = np.clip(gt + rng.normal(0, 0.2, gt.shape), 0, 1)
+    pred[1] = rng.random((3, 16, 13))  # an unrelated image too: SSIM near 0
+    got = ev.ssim(torch.from_numpy(pred).float(), torch.from_numpy(gt).float())
+    assert got.dtype == torch.float64 and got.shape == (2,)
+    expected = [ssim_like_scikit_image(pred[i].astype(np.float32).astype(np.float64), gt[i].astype(np.float32).astype(np.float64)) for i in range(2)]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+    assert ev.ssim(torch.from_numpy(gt), torch.from_numpy(gt)).tolist() == pytest.approx([1.0, 1.0], abs=1e-12)
+    with pytest.raises(ValueError, match="11x11"):
+        ev.ssim(torch.rand(1, 3, 10, 20), torch.rand(1, 3, 10, 20))
+
+
+def test_lpips_download_failure_says_what_to_do(monkeypatch):
+    lpips = pytest.importorskip("lpips")
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(lpips, "LPIPS", offline)
+    with pytest.raises(RuntimeError, match=r"vgg16-397923af\.pth.*--no-lpips"):
+        ev.load_lpips(torch.device("cpu"))
+
+
+# --- camera paths ---------------------------------------------------------------------------------
+
+
+def axis_angle_quat(axis, angle):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    return torch.tensor([*(axis * math.sin(angle / 2)), math.cos(angle / 2)], dtype=torch.float64)
+
+
+def test_slerp_known_rotations():
+    z = [0, 0, 1]
+    half = ev.slerp(axis_angle_quat(z, 0.0), axis_angle_quat(z, math.pi / 2), torch.tensor(0.5, dtype=torch.float64))
+    expected = np.array([[1, -1, 0], [1, 1, 0], [0, 0, math.sqrt(2)]]) / math.sqrt(2)  # 45 degrees about z
+    np.testing.assert_allclose(l3d.quat_to_rotation(half).numpy(), expected, atol=1e-12)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        axis, a, b = rng.normal(size=3), rng.uniform(-3, 3), rng.uniform(-3, 3)
+        b = a + (b - a) % (2 * math.pi) - (2 * math.pi if (b - a) % (2 * math.pi) > math.pi else 0)  # |b - a| <= pi
+        t = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64)
+        q0, q1 = axis_angle_quat(axis, a), axis_angle_quat(axis, b)
+        for target in (q1, -q1):  # -q1 is the same rotation: still the short way round
+            got = ev.slerp(q0.expand(4, 4), target.expand(4, 4), t)
+            want = torch.stack([axis_angle_quat(axis, a + float(s) * (b - a)) for s in t])
+            np.testing.assert_allclose(l3d.quat_to_rotation(got).numpy(), l3d.quat_to_rotation(want).numpy(), atol=1e-10)
+    # equal rotations: no 0/0
+    q = axis_angle_quat([1, 2, 3], 0.4)
+    assert torch.allclose(ev.slerp(q, q, torch.tensor(0.5, dtype=torch.float64)), q, atol=1e-12)
+
+
+def test_camera_path_passes_through_the_keys():
+    keys = torch.stack([torch.cat([torch.tensor([float(i), 2.0 * i, 0.0], dtype=torch.float64), axis_angle_quat([0, 1, 0], 0.5 * i)])
+                        for i in range(3)])
+    fxfycxcy = torch.tensor([[50.0, 50, 32, 32], [60, 60, 32, 32], [70, 70, 32, 32]], dtype=torch.float64)
+    poses, k = ev.camera_path(keys, fxfycxcy, 5)
+    assert poses.shape == (5, 7) and k.shape == (5, 4)
+    np.testing.assert_allclose(poses[::2].numpy(), keys.numpy(), atol=1e-12)
+    np.testing.assert_allclose(poses[1].numpy(), torch.cat([torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64),
+                                                           axis_angle_quat([0, 1, 0], 0.25)]).numpy(), atol=1e-12)
+    np.testing.assert_allclose(k[:, 0].numpy(), [50, 55, 60, 65, 70])
+
+
+# --- whole runs on generated scenes --------------------------------------------------------------
+
+
+def write_dataset(root):
+    """Processed-layout scenes s0..s4 that can be scored, plus every kind of index entry that cannot."""
+    rng = np.random.default_rng(0)
+    frame_counts = {f"s{i}": 6 for i in range(5)} | {"short": 4, "broken": 6, "nulled": 6, "unindexed": 6}
+    metas = []
+    for name, n in frame_counts.items():
+        (root / "images" / name).mkdir(parents=True)
+        (root / "metadata").mkdir(exist_ok=True)
+        frames = []
+        for i in range(n):
+            path = root / "images" / name / f"{i:05d}.png"
+            Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(path)
+            frames.append({"image_path": str(path), "fxfycxcy": [60.0, 60.0, 48.0, 32.0], "w2c": np.eye(4).tolist()})
+        meta = root / "metadata" / f"{name}.json"
+        meta.write_text(json.dumps({"scene_name": name, "frames": frames}))
+        metas.append(str(meta))
+    (root / "images" / "broken" / "00002.png").unlink()
+    (root / "full_list.txt").write_text("\n".join(metas) + "\n")
+    views = {"context": [0, 5], "target": [3, 1, 2]}
+    index = {f"s{i}": views for i in range(5)} | {"s3": {"context": [4, 0], "target": [2, 3, 1]}}
+    index |= {"short": views, "broken": views, "nulled": None, "nowhere": None, "gone": views}
+    (root / "index.json").write_text(json.dumps(index))
+    return root / "full_list.txt", root / "index.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny checkpoint, the generated scenes, and one single-process run over them that the tests below read."""
+    root = tmp_path_factory.mktemp("eval")
+    data, index = write_dataset(root / "test")
+    torch.manual_seed(0)
+    model = l3d.UPLVSM(l3d.Config.tiny())
+    with torch.no_grad():  # off its init, so that renders differ from scene to scene
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = root / "tiny.pt"
+    torch.save({"model": model.state_dict(), "config": asdict(model.config)}, ckpt)
+    args = ["--ckpt", str(ckpt), "--data", str(data), "--index", str(index), "--no-lpips", "--batch", "2"]
+    summary = ev.main(args + ["--out", str(root / "one"), "--save-images", "--video", "3"])
+    return {"args": args, "model": model.eval(), "data": data, "out": root / "one", "summary": summary}
+
+
+def read_csv(path):
+    lines = path.read_text().splitlines()
+    return lines[0], [line.split(",") for line in lines[1:]]
+
+
+def test_end_to_end(tiny_run):
+    out, summary = tiny_run["out"], tiny_run["summary"]
+    assert {k: summary[k] for k in ("scenes", "images", "index_null", "missing", "out_of_range", "unreadable")} == \
+        {"scenes": 5, "images": 15, "index_null": 2, "missing": 1, "out_of_range": 1, "unreadable": 1}
+    assert summary["lpips"] is None and json.loads((out / "summary.json").read_text()) == summary
+    header, images = read_csv(out / "images.csv")
+    assert header == "scene,view,psnr,ssim,lpips"
+    assert [r[:2] for r in images[:6]] == [["s0", "3"], ["s0", "1"], ["s0", "2"], ["s1", "3"], ["s1", "1"], ["s1", "2"]]
+    assert all(r[4] == "nan" for r in images)
+    header, scenes = read_csv(out / "metrics.csv")
+    assert header == "scene,psnr,ssim,lpips" and [r[0] for r in scenes] == ["s0", "s1", "s2", "s3", "s4"]
+    values = np.array([[float(x) for x in r[2:4]] for r in images])  # [15, 2]
+    np.testing.assert_allclose([[float(x) for x in r[1:3]] for r in scenes], values.reshape(5, 3, 2).mean(1), atol=1e-6)
+    assert summary["psnr"] == pytest.approx(values[:, 0].mean(), abs=1e-9)
+    assert summary["ssim"] == pytest.approx(values[:, 1].mean(), abs=1e-9)
+
+    # the numbers of s3 recomputed here: context in index order, targets rendered from estimated poses
+    frames = l3d.read_scene(Path(tiny_run["data"]).parent / "metadata" / "s3.json")["frames"]
+    cfg = tiny_run["model"].config
+    R = cfg.image_size
+    ctx, ctx_k = l3d.load_views(frames, [4, 0], R, cfg.patch_size)
+    tgt, tgt_k = l3d.load_views(frames, [2, 3, 1], R, cfg.patch_size)
+    with torch.no_grad():
+        render = tiny_run["model"](ctx[None], ctx_k[None], tgt[None], tgt_k[None])[0][0]  # [3, 3, R, R]
+    mse = ((render.double().clamp(0, 1) - tgt.double()) ** 2).flatten(1).mean(1)  # [3, 3, R, R] -> [3, 3*R*R] -> [3]
+    np.testing.assert_allclose(values[9:12, 0], (-10 * torch.log10(mse)).numpy(), atol=2e-6)
+    np.testing.assert_allclose(values[9:12, 1], ev.ssim(render, tgt).numpy(), atol=2e-6)
+
+    folder = out / "renders" / "s3"
+    assert Image.open(folder / "context.png").size == (2 * R, R)
+    assert Image.open(folder / "targets.png").size == (2 * R, 3 * R)
+    assert Image.open(next(folder.glob("video.*"))).n_frames == 3
+    assert not list(out.glob("part.rank*"))
+
+
+def test_rerun_skips_scored_scenes_and_keeps_what_a_killed_run_left(tiny_run, tmp_path):
+    args, out = tiny_run["args"], tmp_path / "out"
+    out.mkdir()
+    shutil.copy(tiny_run["out"] / "run.json", out)
+    images = (tiny_run["out"] / "images.csv").read_text().splitlines()
+    first = {}
+    for line in images[1:]:
+        first.setdefault(line.split(",")[0], []).append(line)
+    # s0 tampered with (a rerun must not score it again), s1 only in a killed process's part file
+    # (with a line cut short after it), s3 never scored
+    tampered = [",".join(line.split(",")[:2] + ["99.000000"] + line.split(",")[3:]) for line in first["s0"]]
+    (out / "images.csv").write_text("\n".join([images[0]] + tampered + first["s2"] + first["s4"]) + "\n")
+    s1 = [[int(v), float(p), float(s), float(lp)] for _, v, p, s, lp in (line.split(",") for line in first["s1"])]
+    (out / "part.rank5.jsonl").write_text(json.dumps({"scene": "s1", "rows": s1}) + '\n{"scene": "s3", "ro')
+    summary = ev.main(args + ["--out", str(out)])
+    again = (out / "images.csv").read_text().splitlines()
+    assert again[1:10] == tampered + first["s1"] + first["s2"] and again[13:] == first["s4"]
+    assert same_rows(again[10:13], first["s3"])
+    assert summary["scenes"] == 5 and summary["images"] == 15
+    assert summary["psnr"] == pytest.approx(np.mean([float(line.split(",")[2]) for line in again[1:]]), abs=1e-9)
+    assert not list(out.glob("part.rank*"))
+    with pytest.raises(SystemExit, match="another --out"):  # another image size: not mixed into these scores
+        ev.main(args + ["--out", str(out), "--res", "48"])
+
+
+def same_rows(a, b):
+    """CSV lines equal in their names and up to the last printed digit in their numbers: scenes batched
+    or threaded differently may round the other way in the 6th decimal."""
+    a, b = [line.split(",") for line in a], [line.split(",") for line in b]
+    return len(a) == len(b) and all(x[0] == y[0] and (len(x) < 5 or x[1] == y[1]) and np.allclose(
+        [float(v) for v in x[-3:]], [float(v) for v in y[-3:]], rtol=0, atol=2e-6, equal_nan=True) for x, y in zip(a, b))
+
+
+def test_two_processes_give_the_files_of_one(tiny_run, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "eval.py"),
+           *tiny_run["args"], "--out", str(tmp_path / "two")]
+    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=240, cwd=tmp_path)
+    for name in ("images.csv", "metrics.csv"):
+        two, one = ((d / name).read_text().splitlines() for d in (tmp_path / "two", tiny_run["out"]))
+        assert two[0] == one[0] and same_rows(two[1:], one[1:])
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert {k: v for k, v in two.items() if k not in ("psnr", "ssim")} == {k: v for k, v in tiny_run["summary"].items() if k not in ("psnr", "ssim")}
+    assert two["psnr"] == pytest.approx(tiny_run["summary"]["psnr"], abs=2e-6)
+    assert two["ssim"] == pytest.approx(tiny_run["summary"]["ssim"], abs=2e-6)
+
+
+def test_lpips_column_with_a_random_backbone(tiny_run, tmp_path, monkeypatch):
+    lpips = pytest.importorskip("lpips")
+    # pnet_rand: a randomly initialised VGG-16 (no download); lpips' own linear heads still load
+    monkeypatch.setattr(lpips, "LPIPS", functools.partial(lpips.LPIPS, pnet_rand=True))
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"s0": {"context": [0, 5], "target": [3, 1, 2]}}))
+    args = [a for a in tiny_run["args"] if a != "--no-lpips"]
+    summary = ev.main(args[:args.index("--index") + 1] + [str(index)] + args[args.index("--index") + 2:] + ["--out", str(tmp_path / "out")])
+    _, images = read_csv(tmp_path / "out" / "images.csv")
+    lp = [float(r[4]) for r in images]
+    assert len(lp) == 3 and all(x > 0 for x in lp)
+    assert summary["lpips"] == pytest.approx(np.mean(lp), abs=1e-9)
