@@ -18,6 +18,7 @@ from PIL import Image
 
 import eval as ev
 import l3d
+from test_l3d import write_scenes
 
 REPO = Path(__file__).resolve().parent
 
@@ -138,22 +139,9 @@ def test_camera_path_passes_through_the_keys():
 
 def write_dataset(root):
     """Processed-layout scenes s0..s4 that can be scored, plus every kind of index entry that cannot."""
-    rng = np.random.default_rng(0)
     frame_counts = {f"s{i}": 6 for i in range(5)} | {"short": 4, "broken": 6, "nulled": 6, "unindexed": 6}
-    metas = []
-    for name, n in frame_counts.items():
-        (root / "images" / name).mkdir(parents=True)
-        (root / "metadata").mkdir(exist_ok=True)
-        frames = []
-        for i in range(n):
-            path = root / "images" / name / f"{i:05d}.png"
-            Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(path)
-            frames.append({"image_path": str(path), "fxfycxcy": [60.0, 60.0, 48.0, 32.0], "w2c": np.eye(4).tolist()})
-        meta = root / "metadata" / f"{name}.json"
-        meta.write_text(json.dumps({"scene_name": name, "frames": frames}))
-        metas.append(str(meta))
+    write_scenes(root, frame_counts, width=96)
     (root / "images" / "broken" / "00002.png").unlink()
-    (root / "full_list.txt").write_text("\n".join(metas) + "\n")
     views = {"context": [0, 5], "target": [3, 1, 2]}
     index = {f"s{i}": views for i in range(5)} | {"s3": {"context": [4, 0], "target": [2, 3, 1]}}
     index |= {"short": views, "broken": views, "nulled": None, "nowhere": None, "gone": views}

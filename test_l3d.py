@@ -1,12 +1,13 @@
 """Tests of l3d.py on CPU with tiny configs. Every check compares against maths written here."""
 
+import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import l3d
 
@@ -487,21 +489,20 @@ def test_preprocessing_moves_intrinsics_with_the_crop(tmp_path):
 REPO = Path(__file__).resolve().parent
 
 
-def write_scenes(root, n_scenes, n_frames=30, seed=0):
-    """A processed split of random 112x64 frames: root/{images,metadata}, root/full_list.txt."""
-    import json
-    from PIL import Image
+def write_scenes(root, frame_counts, width=112, height=64, seed=0):
+    """A processed split of random frames, {scene name: frame count} -> root/{images,metadata},
+    root/full_list.txt (returned), with intrinsics centred on the frame and identity cameras."""
     rng = np.random.default_rng(seed)
     metas = []
-    for s in range(n_scenes):
-        name = f"scene{s:03d}"
+    (root / "metadata").mkdir(parents=True, exist_ok=True)
+    for name, n_frames in frame_counts.items():
         (root / "images" / name).mkdir(parents=True)
-        (root / "metadata").mkdir(exist_ok=True)
         frames = []
         for i in range(n_frames):
             path = root / "images" / name / f"{i:05d}.png"
-            Image.fromarray(rng.integers(0, 256, (64, 112, 3), dtype=np.uint8)).save(path)
-            frames.append({"image_path": str(path), "fxfycxcy": [60.0, 60.0, 56.0, 32.0], "w2c": np.eye(4).tolist()})
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+            frames.append({"image_path": str(path), "fxfycxcy": [60.0, 60.0, width / 2, height / 2],
+                           "w2c": np.eye(4).tolist()})
         meta = root / "metadata" / f"{name}.json"
         meta.write_text(json.dumps({"scene_name": name, "frames": frames}))
         metas.append(str(meta))
@@ -515,7 +516,7 @@ def l3d_command(data, out, steps, *extra):
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    data = write_scenes(tmp_path / "train", 6)
+    data = write_scenes(tmp_path / "train", {f"scene{s:03d}": 30 for s in range(6)})
     steps = 30
     subprocess.run(l3d_command(data, tmp_path / "straight", steps), check=True, capture_output=True)
     cmd = l3d_command(data, tmp_path / "killed", steps)
@@ -568,7 +569,7 @@ l3d.train(l3d.parse_args(sys.argv[1:]))
 
 
 def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
-    data = write_scenes(tmp_path / "train", 8)
+    data = write_scenes(tmp_path / "train", {f"scene{s:03d}": 30 for s in range(8)})
     probe = tmp_path / "probe.py"
     probe.write_text(DDP_PROBE.format(repo=str(REPO), log=str(tmp_path / "log")))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
