@@ -19,7 +19,8 @@ l3d checkpoints record their image size, so --res can be left out:
 What lands in --out:
     images.csv    scene,view,psnr,ssim,lpips   one row per target image (view: its frame number)
     metrics.csv   scene,psnr,ssim,lpips        one row per scene: means over its targets
-    summary.json  means over all target images, counts of scenes scored and of index entries skipped
+    summary.json  means over all target images, counts of scenes scored (scored_now: by the last run)
+                  and of index entries skipped
     renders/      with --save-images and --video: context strip, target | render pairs, a video
 With --no-lpips the lpips columns read nan and summary.json has "lpips": null. A rerun with the
 same --out scores only the scenes not yet in images.csv: every process appends each finished
@@ -415,10 +416,12 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(IndexedScenes(mine, cfg.image_size, cfg.patch_size), batch_size=None,
                                          num_workers=args.workers)
     skipped = {"out_of_range": 0, "unreadable": 0}
+    scored = 0
     bar = tqdm(loader, desc=f"rank 0 of {world}", disable=rank != 0)
     with open(out / f"part.rank{rank}.jsonl", "a") as part:
         for batch in batches(bar, args.batch, skipped):
             renders, rows = score(model, batch, device, autocast, lpips_net)
+            scored += len(batch)
             for scene, render, scene_rows in zip(batch, renders, rows):
                 part.write(json.dumps({"scene": scene["scene"], "rows": scene_rows}) + "\n")
                 part.flush()  # on disk as soon as it is scored: a killed run keeps it
@@ -428,18 +431,19 @@ def main(argv=None):
                     with autocast:
                         frames = render_video(model, scene, args.video, device)
                     save_video(out / "renders" / scene["scene"], frames)
-    every = [skipped]
+    every = [(scored, skipped)]
     if dist.is_initialized():  # gathering also waits for every rank to have closed its part file
         every = [None] * world if rank == 0 else None
-        dist.gather_object(skipped, every, dst=0)
+        dist.gather_object((scored, skipped), every, dst=0)
     summary = None
     if rank == 0:
         merge_parts(out)
-        counts |= {k: sum(s[k] for s in every) for k in skipped}
-        summary = summarize(out, counts, record)
+        counts |= {k: sum(s[k] for _, s in every) for k in skipped}
+        summary = summarize(out, counts | {"scored_now": sum(n for n, _ in every)}, record)
         means = "  ".join(f"{k} {summary[k]:.4f}" if summary[k] is not None else f"{k} -" for k in ("psnr", "ssim", "lpips"))
-        print(f"{means}  over {summary['images']} images of {summary['scenes']} scenes; not scored: "
-              + ", ".join(f"{counts[k]} {k}" for k in counts) + f"; files in {out}")
+        print(f"{means}  over {summary['images']} images of {summary['scenes']} scenes "
+              f"({summary['scored_now']} scored by this run); not scored: "
+              + ", ".join(f"{counts[k]} {k}" for k in ("index_null", "missing", *skipped)) + f"; files in {out}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary

@@ -570,7 +570,7 @@ class PerceptualLoss(nn.Module):
                 else:
                     layers += [convs[name], nn.ReLU()]
             self.slices.append(nn.Sequential(*layers))
-        self.register_buffer("mean", torch.tensor([123.68, 116.779, 103.939]).reshape(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor([123.68, 116.779, 103.939]).reshape(1, 3, 1, 1))  # [3] -> [1, 3, 1, 1]
         self.requires_grad_(False)
         self.eval()
 
@@ -800,7 +800,7 @@ def latest_checkpoint(out):
 
 def psnr(pred, target):
     """Mean PSNR in dB of images in [0, 1], one MSE per image."""
-    mse = (pred.float().clamp(0, 1) - target.float()).pow(2).flatten(1).mean(1)
+    mse = (pred.float().clamp(0, 1) - target.float()).pow(2).flatten(1).mean(1)  # [n, 3, h, w] -> [n, 3*h*w] -> [n]
     return (-10 * torch.log10(mse.clamp(min=1e-10))).mean().item()
 
 

@@ -173,8 +173,8 @@ def read_csv(path):
 
 def test_end_to_end(tiny_run):
     out, summary = tiny_run["out"], tiny_run["summary"]
-    assert {k: summary[k] for k in ("scenes", "images", "index_null", "missing", "out_of_range", "unreadable")} == \
-        {"scenes": 5, "images": 15, "index_null": 2, "missing": 1, "out_of_range": 1, "unreadable": 1}
+    assert {k: summary[k] for k in ("scenes", "images", "scored_now", "index_null", "missing", "out_of_range", "unreadable")} == \
+        {"scenes": 5, "images": 15, "scored_now": 5, "index_null": 2, "missing": 1, "out_of_range": 1, "unreadable": 1}
     assert summary["lpips"] is None and json.loads((out / "summary.json").read_text()) == summary
     header, images = read_csv(out / "images.csv")
     assert header == "scene,view,psnr,ssim,lpips"
@@ -224,7 +224,7 @@ def test_rerun_skips_scored_scenes_and_keeps_what_a_killed_run_left(tiny_run, tm
     again = (out / "images.csv").read_text().splitlines()
     assert again[1:10] == tampered + first["s1"] + first["s2"] and again[13:] == first["s4"]
     assert same_rows(again[10:13], first["s3"])
-    assert summary["scenes"] == 5 and summary["images"] == 15
+    assert summary["scenes"] == 5 and summary["images"] == 15 and summary["scored_now"] == 1  # s3 only
     assert summary["psnr"] == pytest.approx(np.mean([float(line.split(",")[2]) for line in again[1:]]), abs=1e-9)
     assert not list(out.glob("part.rank*"))
     with pytest.raises(SystemExit, match="another --out"):  # another image size: not mixed into these scores
