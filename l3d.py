@@ -500,7 +500,8 @@ def load_model(ckpt, res=None):
         copy_weights(model, sd, {k: k for k in model.state_dict()}, source)
     else:
         if res is None:
-            raise ValueError(f"{source}: release checkpoints do not record their image size; pass res=224 or res=518 (eval.py: --res 224 or --res 518)")
+            raise ValueError(f"{source}: release checkpoints do not record their image size; "
+                             f"pass res=224 or res=518 (eval.py: --res 224 or --res 518)")
         cfg = config_from_release(sd, res, source)
         model = UPLVSM(cfg)
         ignored = copy_weights(model, sd, release_names(cfg), source, ignore_prefixes=("loss_computer.",))
