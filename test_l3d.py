@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -541,6 +541,26 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(s["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
         assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
     assert len(list((tmp_path / "killed").glob("ckpt_*.pt"))) <= 3  # --keep
+
+
+def test_init_takes_weights_only_from_a_release_file(tmp_path):
+    data = write_scenes(tmp_path / "train", {f"scene{s:03d}": 30 for s in range(4)})
+    model = tiny_model()
+    torch.save({"model": release_state_dict(model), "optimizer": {}, "fwdbwd_pass_step": 50_000}, tmp_path / "release.pt")
+    # lr 0: the one AdamW step leaves the weights exactly where --init put them
+    run = subprocess.run(l3d_command(data, tmp_path / "ft", 1, "--init", str(tmp_path / "release.pt"), "--lr", "0"),
+                         check=True, capture_output=True, text=True)
+    assert "initialised from" in run.stdout
+    ckpt = torch.load(tmp_path / "ft" / "ckpt_0000001.pt", weights_only=True)
+    assert ckpt["step"] == 1 and ckpt["updates"] == 1  # the schedule starts over
+    for k, v in model.state_dict().items():
+        assert torch.equal(ckpt["model"][k], v), k
+    # weights of another architecture are refused, not half loaded
+    other = l3d.UPLVSM(replace(l3d.Config.tiny(), n_decoder=2))
+    torch.save({"model": release_state_dict(other)}, tmp_path / "other.pt")
+    run = subprocess.run(l3d_command(data, tmp_path / "ft2", 1, "--init", str(tmp_path / "other.pt")),
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "differs from this run's" in run.stderr
 
 
 DDP_PROBE = """
