@@ -489,7 +489,12 @@ def load_model(ckpt, res=None):
     if isinstance(ckpt, (str, Path)):
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"{ckpt}: no such checkpoint file")
-        ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try:  # weights_only: a checkpoint from the internet must not run code when it loads
+            ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{source}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                             f"If the file is whole but holds Python objects besides tensors and you trust its source, "
+                             f"pass load_model(torch.load(path, weights_only=False), res)") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{source}: expected a dict with a 'model' state dict, as the release and l3d save")
     sd = ckpt["model"]

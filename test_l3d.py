@@ -270,7 +270,7 @@ def test_l3d_checkpoint_round_trip():
         np.testing.assert_array_equal(loaded(*inputs)[0].numpy(), model(*inputs)[0].numpy())
 
 
-def test_missing_and_misshapen_tensors_are_named():
+def test_missing_and_misshapen_tensors_are_named(tmp_path):
     sd = release_state_dict(tiny_model())
     missing = dict(sd)
     del missing["transformer_decoder.1.attn.fc.weight"]
@@ -282,6 +282,11 @@ def test_missing_and_misshapen_tensors_are_named():
         l3d.load_model({"model": wrong}, res=64)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         l3d.load_model("nope.pt", res=64)
+    cut = tmp_path / "cut.pt"  # a download cut short
+    torch.save({"model": sd}, tmp_path / "whole.pt")
+    cut.write_bytes((tmp_path / "whole.pt").read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"cut\.pt: not a readable torch checkpoint"):
+        l3d.load_model(str(cut), res=64)
 
 
 def test_architecture_read_from_shapes():
