@@ -289,7 +289,7 @@ class UPLVSM(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """From-scratch initialisation (SPEC section 2); the tokenizer gets DINOv2's own scheme."""
+        """From-scratch initialisation, as the release does it; the tokenizer gets DINOv2's own scheme."""
         tok = self.tokenizer
         for m in tok.modules():
             if isinstance(m, nn.Linear):
@@ -615,7 +615,7 @@ def read_matconvnet_vgg(path):
 
 
 # -----------------------------------------------------------------------------
-# Data: the processed RealEstate10K layout (SPEC section 5) and the view sampling of the paper
+# Data: the processed RealEstate10K layout (LVSM's and the release's) and the view sampling of the paper
 
 
 def read_list(list_path):

@@ -6,7 +6,7 @@ prepare.py: the datasets l3d.py trains and eval.py scores on, in the processed R
     <split>/full_list.txt           the absolute path of every metadata json, sorted
 
 LVSM's and the UP-LVSM release's converters write the same layout (with .png frames), so datasets
-they made are read by l3d unchanged (SPEC section 5).
+they made are read by l3d unchanged.
 
 RealEstate10K from pixelSplat's .torch chunks (SRC/train/*.torch, SRC/test/*.torch). Frames keep
 their JPEG bytes; --png decodes them to PNG as the release does. A stopped run resumes where it was:

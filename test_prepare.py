@@ -262,7 +262,7 @@ def test_views_agree_on_3d_points(synthetic):
     room, _, _ = prepare.random_scene(np.random.default_rng((SEED, 0, 0)), FRAMES, W, H)
     a, b = 0, 12
     image_a, image_b = (decoded(frames[k]["image_path"]).astype(np.float64) for k in (a, b))
-    # rays through every pixel centre of view a, by the conventions of SPEC section 1
+    # rays through every pixel centre of view a, OpenCV camera, pixel centres at +0.5
     fx, fy, cx, cy = fxfycxcy[a]
     x, y = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
     c2w_a = np.linalg.inv(w2c[a])
