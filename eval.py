@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, features
+from PIL import features
 from tqdm import tqdm
 
 import l3d
@@ -256,23 +256,18 @@ def score(model, batch, device, autocast, lpips_net):
     return render, rows
 
 
-def to_png(image, path):
-    """image [3, h, w] in [0, 1] -> an 8-bit PNG."""
-    Image.fromarray(image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()).save(path)  # [3, h, w] -> [h, w, 3]
-
-
 def save_images(folder, scene, render):
     """context.png: the context views side by side; targets.png: one row per target, target | render."""
     folder.mkdir(parents=True, exist_ok=True)
-    to_png(torch.cat(list(scene["ctx_images"]), 2), folder / "context.png")
+    l3d.to_pil(torch.cat(list(scene["ctx_images"]), 2)).save(folder / "context.png")
     pairs = [torch.cat([t, r.cpu()], 2) for t, r in zip(scene["tgt_images"], render)]
-    to_png(torch.cat(pairs, 1), folder / "targets.png")
+    l3d.to_pil(torch.cat(pairs, 1)).save(folder / "targets.png")
 
 
 def save_video(folder, frames):
     """frames [n, 3, R, R] in [0, 1] -> an animated WebP at 30 frames per second (a GIF if Pillow lacks WebP)."""
     folder.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(f.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()) for f in frames]  # [3, R, R] -> [R, R, 3]
+    images = [l3d.to_pil(f) for f in frames]
     path = folder / ("video.webp" if features.check("webp") else "video.gif")
     images[0].save(path, save_all=True, append_images=images[1:], duration=33, loop=0)
 

@@ -810,6 +810,11 @@ def psnr(pred, target):
     return (-10 * torch.log10(mse.clamp(min=1e-10))).mean().item()
 
 
+def to_pil(image):
+    """An image [3, h, w] in [0, 1] -> an 8-bit RGB PIL image."""
+    return Image.fromarray(image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())  # [3, h, w] -> [h, w, 3]
+
+
 @torch.no_grad()
 def heldout(model, views, cfg, device, out_png=None):
     """PSNR of the model on held-out indexed views, beside two baselines a model must beat: the pixel
@@ -829,8 +834,7 @@ def heldout(model, views, cfg, device, out_png=None):
         if len(rows) < 4:
             rows.append(torch.cat([ci[0], ci[1], ti[0], render[0]], 2))  # context | context | target | render
     if out_png and rows:
-        grid = torch.cat(rows, 1).permute(1, 2, 0).clamp(0, 1).mul(255).round().byte().numpy()  # [3, h, w] -> [h, w, 3]
-        Image.fromarray(grid).save(out_png)
+        to_pil(torch.cat(rows, 1)).save(out_png)
     return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
