@@ -276,13 +276,6 @@ def save_video(folder, frames):
 # Result files: per-process part files merged into images.csv and metrics.csv
 
 
-def write_atomic(path, text):
-    """Write through a temporary file and a rename, so that a killed run never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def csv_text(header, rows):
     """Rows -> CSV text, floats with 6 decimals (plenty for metrics reported to 2 or 3)."""
     text = io.StringIO()
@@ -318,9 +311,9 @@ def merge_parts(out):
                 continue
             scenes.setdefault(record["scene"], record["rows"])
     names = sorted(scenes)
-    write_atomic(out / "images.csv", csv_text(["scene", "view", "psnr", "ssim", "lpips"],
+    l3d.write_atomic(out / "images.csv", csv_text(["scene", "view", "psnr", "ssim", "lpips"],
                                               [[s, *row] for s in names for row in scenes[s]]))
-    write_atomic(out / "metrics.csv", csv_text(["scene", "psnr", "ssim", "lpips"],
+    l3d.write_atomic(out / "metrics.csv", csv_text(["scene", "psnr", "ssim", "lpips"],
                                                [[s, *np.mean([row[1:] for row in scenes[s]], 0).tolist()] for s in names]))
     for part in parts:
         part.unlink()
@@ -333,7 +326,7 @@ def check_run(out, ckpt, res):
     if path.exists() and json.loads(path.read_text()) != record:
         raise SystemExit(f"eval.py: {path} says this folder holds scores of {json.loads(path.read_text())}, "
                          f"not of {record}; pass another --out")
-    write_atomic(path, json.dumps(record) + "\n")
+    l3d.write_atomic(path, json.dumps(record) + "\n")
     return record
 
 
@@ -344,7 +337,7 @@ def summarize(out, counts, record):
     means = values.mean(0).tolist() if len(values) else [math.nan] * 3
     summary = {name: None if math.isnan(m) else m for name, m in zip(("psnr", "ssim", "lpips"), means)}
     summary |= {"scenes": len(scenes), "images": len(values), **counts, **record}
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    l3d.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 

@@ -783,6 +783,17 @@ def clip_or_skip(params, clip=1.0, skip_factor=4.0):
     return norm.item() > skip_factor * clip, norm.item()
 
 
+def write_atomic(path, text):
+    """Write text through a temporary file and a rename, so that readers see the old file or the new
+    one, never half of one. A file that already holds this text is left untouched: reruns change nothing."""
+    path = Path(path)
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(out, state, keep):
     """Write out/ckpt_<step>.pt through a temporary file and a rename; keep the newest `keep`."""
     path = Path(out) / f"ckpt_{state['step']:07d}.pt"

@@ -37,30 +37,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import l3d
+
 # -----------------------------------------------------------------------------
 # The processed layout. A scene's metadata json is written last and atomically: its presence is
 # the sign that the scene is complete, so a stopped run never lists a half-written scene.
 
 
-def write_atomic(path, text):
-    """Write through a temporary name, so that readers see the old file or the new one, never half of
-    one. A file that already says this is left untouched: a rerun changes nothing."""
-    if os.path.exists(path) and Path(path).read_text() == text:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_metadata(split_dir, name, frames):
-    write_atomic(split_dir / "metadata" / f"{name}.json", json.dumps({"scene_name": name, "frames": frames}, indent=1))
+    l3d.write_atomic(split_dir / "metadata" / f"{name}.json", json.dumps({"scene_name": name, "frames": frames}, indent=1))
 
 
 def write_full_list(split_dir):
     """Rebuild full_list.txt from the metadata folder; returns its number of scenes."""
     metas = sorted(os.path.abspath(p) for p in (split_dir / "metadata").glob("*.json"))
-    write_atomic(split_dir / "full_list.txt", "".join(m + "\n" for m in metas))
+    l3d.write_atomic(split_dir / "full_list.txt", "".join(m + "\n" for m in metas))
     return len(metas)
 
 
@@ -431,7 +422,7 @@ def make_synthetic(out="data/synthetic", size=(112, 64), frames=60, train_scenes
         raise FileExistsError(f"{stamp}: {out} was generated with other settings ({stamp.read_text()}); "
                               f"delete it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(stamp, json.dumps(settings))
+    l3d.write_atomic(stamp, json.dumps(settings))
 
     start, jobs, names = time.time(), [], {}
     for split_id, (split, count) in enumerate((("train", train_scenes), ("test", test_scenes))):
@@ -445,7 +436,7 @@ def make_synthetic(out="data/synthetic", size=(112, 64), frames=60, train_scenes
     for split in names:
         write_full_list(out / split)
     index = evaluation_index(np.random.default_rng((seed, 2)), names["test"], frames)
-    write_atomic(out / "test" / "evaluation_index.json", json.dumps(index, indent=1))
+    l3d.write_atomic(out / "test" / "evaluation_index.json", json.dumps(index, indent=1))
     print(f"generated {len(jobs)} scenes ({n_frames} frames of {w}x{h}) in {time.time() - start:.1f} s "
           f"into {out}/train and {out}/test")
 
