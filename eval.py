@@ -162,22 +162,10 @@ def render_video(model, scene, n_frames, device, chunk=8):
 # Work: the index, the scenes on disk, and each process's share
 
 
-def read_index(index_path):
-    """evaluation index json -> {scene: {"context": [i, j], "target": [a, b, c]} or None}."""
-    try:
-        index = json.loads(Path(index_path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{index_path}: unreadable evaluation index ({e})") from None
-    bad = [k for k, v in index.items() if v is not None and not (isinstance(v, dict) and v.get("context") and v.get("target"))]
-    if not isinstance(index, dict) or bad:
-        raise ValueError(f"{index_path}: expected {{scene: {{'context': [...], 'target': [...]}} or null}}; bad entries: {bad[:5]}")
-    return index
-
-
 def plan(list_path, index_path, done):
     """-> the scenes left to score, [(scene, metadata path, context, target)] sorted by scene, and
     the counts of index entries that cannot be scored: null ones, and scenes absent from the list."""
-    index = read_index(index_path)
+    index = l3d.read_index(index_path)
     # the processed layout names every metadata file after its scene, so no json needs reading here
     on_disk = {Path(p).stem: p for p in l3d.read_list(list_path)}
     counts = {"index_null": 0, "missing": 0}

@@ -736,9 +736,23 @@ def epoch_samples(n_scenes, epoch, rank, world, seed):
     return list(zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
+def read_index(index_path):
+    """An evaluation index json -> {scene: {"context": [i, j], "target": [a, b, c]} or None}."""
+    try:
+        index = json.loads(Path(index_path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{index_path}: unreadable evaluation index ({e})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path}: expected a json object {{scene: views}}, got a {type(index).__name__}")
+    bad = [k for k, v in index.items() if v is not None and not (isinstance(v, dict) and v.get("context") and v.get("target"))]
+    if bad:
+        raise ValueError(f"{index_path}: expected {{scene: {{'context': [...], 'target': [...]}} or null}}; bad entries: {bad[:5]}")
+    return index
+
+
 def load_index_views(list_path, index_path):
     """The held-out views of an evaluation index: [(scene name, frames, context, target)] for scenes on disk."""
-    index = json.loads(Path(index_path).read_text())
+    index = read_index(index_path)
     out = []
     for meta in read_list(list_path):
         scene = read_scene(meta)

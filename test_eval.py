@@ -94,6 +94,14 @@ def test_lpips_download_failure_says_what_to_do(monkeypatch):
         ev.load_lpips(torch.device("cpu"))
 
 
+def test_malformed_index_is_named(tmp_path):
+    for name, text, why in [("list.json", "[1, 2]", "got a list"), ("half.json", '{"a": {"context": [0, 5]}}', "bad entries: \\['a'\\]"),
+                            ("cut.json", '{"a": {"context"', "unreadable evaluation index")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name}: .*{why}"):
+            l3d.read_index(tmp_path / name)
+
+
 # --- camera paths ---------------------------------------------------------------------------------
 
 
