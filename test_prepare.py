@@ -7,7 +7,6 @@ Pillow, and the geometry of the generated rooms checked with numpy maths written
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
