@@ -456,6 +456,18 @@ def test_clip_and_skip_rule():
     assert not skip and norm == pytest.approx(2.0) and torch.isfinite(p[0].grad).all()
 
 
+def test_ranks_train_on_different_scenes():
+    n, world = 11, 3
+    for epoch in range(3):
+        shares = [l3d.epoch_samples(n, epoch, rank, world, seed=5) for rank in range(world)]
+        scenes = [[i for i, _ in share] for share in shares]
+        assert all(len(s) == n // world for s in scenes)  # equal shares: every rank takes the same number of steps
+        flat = [i for s in scenes for i in s]
+        assert len(set(flat)) == len(flat) and set(flat) <= set(range(n))  # disjoint, real scene indices
+        assert shares[0] == l3d.epoch_samples(n, epoch, 0, world, seed=5)  # a resumed run redraws the same
+    assert l3d.epoch_samples(n, 0, 0, 1, seed=5) != l3d.epoch_samples(n, 1, 0, 1, seed=5)  # reshuffled every epoch
+
+
 def test_view_selection_obeys_the_gap_rules():
     import random
     rng = random.Random(0)
