@@ -66,8 +66,7 @@ class Config:
     def tiny():
         # Trains on a laptop CPU in minutes: 32 x 32 crops of generated rooms, 16 tokens per view.
         # Fewer latents and pixels buy steps: at 64 x 64 with 64 latents a step costs 3x more, and in
-        # a 10-minute budget the extra steps are worth more than the extra resolution. 1800 steps take
-        # 7-8 minutes on a 2-core CPU, leaving room for a slower day.
+        # a 10-minute budget the extra steps are worth more than the extra resolution.
         return Config(image_size=32, patch_size=8, dim=128, head_dim=32, n_encoder=2, n_estimator=1,
                       n_decoder=3, n_latents=32, tok_depth=2, tok_heads=4, tok_registers=2, tok_pos_grid=4)
 
@@ -1046,6 +1045,7 @@ PRESETS = {
               data="data/re10k/train/full_list.txt", perceptual=0.5, save_every=4000, eval_every=4000),
     518: dict(batch=6, steps=80_000, lr=4e-5, warmup=4000, out="runs/x518", dinov2="none",
               data="data/re10k/train/full_list.txt", perceptual=0.5, save_every=4000, eval_every=4000),
+    # tiny: 1800 steps take 7-8 minutes on a 2-core CPU, leaving room under 10 for a slower day
     "tiny": dict(batch=8, steps=1800, lr=1e-3, warmup=100, out="runs/tiny", dinov2="none",
                  data="data/synthetic/train/full_list.txt", perceptual=0.0, save_every=200, eval_every=200),
 }
