@@ -13,7 +13,7 @@ One process (the GPU if there is one, else the CPU):
     torchrun --nproc_per_node 8 eval.py --ckpt uplvsm_x518.pt --res 518 \
         --data data/re10k/test/full_list.txt --index evaluation_index_re10k.json --out runs/eval_x518
 l3d checkpoints record their image size, so --res can be left out:
-    python eval.py --ckpt runs/tiny/ckpt_0001200.pt --data data/synthetic/test/full_list.txt \
+    python eval.py --ckpt runs/tiny/ckpt_0001800.pt --data data/synthetic/test/full_list.txt \
         --index data/synthetic/test/evaluation_index.json --out runs/tiny/eval --no-lpips
 
 What lands in --out:
