@@ -47,14 +47,7 @@ from tqdm import tqdm
 import l3d
 
 # -----------------------------------------------------------------------------
-# Metrics: PSNR, scikit-image's SSIM in torch, LPIPS from the lpips package
-
-
-def psnr(pred, gt):
-    """PSNR in dB of images [N, 3, H, W] in [0, 1] -> [N] float64. Identical images give inf, as in the release."""
-    pred, gt = pred.double().clamp(0, 1), gt.double().clamp(0, 1)
-    mse = (pred - gt).pow(2).flatten(1).mean(1)  # [N, 3, H, W] -> [N, 3*H*W] -> [N]
-    return -10 * torch.log10(mse)
+# Metrics: PSNR (l3d.psnr), scikit-image's SSIM in torch, LPIPS from the lpips package
 
 
 # scikit-image truncates its gaussian at 3.5 sigma: radius int(3.5 * 1.5 + 0.5) = 5, i.e. 11 taps,
@@ -159,26 +152,7 @@ def render_video(model, scene, n_frames, device, chunk=8):
 
 
 # -----------------------------------------------------------------------------
-# Work: the index, the scenes on disk, and each process's share
-
-
-def plan(list_path, index_path, done):
-    """-> the scenes left to score, [(scene, metadata path, context, target)] sorted by scene, and
-    the counts of index entries that cannot be scored: null ones, and scenes absent from the list."""
-    index = l3d.read_index(index_path)
-    # the processed layout names every metadata file after its scene, so no json needs reading here
-    on_disk = {Path(p).stem: p for p in l3d.read_list(list_path)}
-    counts = {"index_null": 0, "missing": 0}
-    work = []
-    for scene in sorted(index):
-        views = index[scene]
-        if views is None:
-            counts["index_null"] += 1
-        elif scene not in on_disk:
-            counts["missing"] += 1
-        elif scene not in done:
-            work.append((scene, on_disk[scene], views["context"], views["target"]))
-    return work, counts
+# Work: the indexed scenes on disk, loaded in DataLoader workers
 
 
 class IndexedScenes(torch.utils.data.Dataset):
@@ -239,7 +213,7 @@ def score(model, batch, device, autocast, lpips_net):
     b, v = tgt.shape[:2]
     pred, gt = render.flatten(0, 1), tgt.flatten(0, 1)  # [b, v, 3, R, R] -> [b*v, 3, R, R]
     lp = lpips_net(gt, pred, normalize=True).flatten() if lpips_net else torch.full((b * v,), math.nan, device=device)  # [b*v, 1, 1, 1] -> [b*v]
-    values = torch.stack([psnr(pred, gt), ssim(pred, gt), lp.double()], -1).reshape(b, v, 3).tolist()  # [b*v, 3] -> [b, v, 3]
+    values = torch.stack([l3d.psnr(pred, gt), ssim(pred, gt), lp.double()], -1).reshape(b, v, 3).tolist()  # [b*v, 3] -> [b, v, 3]
     rows = [[[f, *m] for f, m in zip(s["target"], ms)] for s, ms in zip(batch, values)]
     return render, rows
 
@@ -333,18 +307,6 @@ def summarize(out, counts, record):
 # Main
 
 
-def setup_distributed():
-    """-> (rank, world size, device). torchrun sets RANK; a plain `python eval.py` is the only rank."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
-
-
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -362,6 +324,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-lpips", dest="lpips", action="store_false", help="skip LPIPS (no VGG-16 download)")
     ap.add_argument("--save-images", action="store_true", help="write renders/<scene>/context.png and targets.png")
     ap.add_argument("--video", type=int, default=0, metavar="N", help="write renders/<scene>/video.webp of N frames (0: none)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], help="default: the GPU when there is one")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0,
                     help="DataLoader processes loading images, per GPU")
     return ap.parse_args(argv)
@@ -369,7 +332,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = l3d.setup(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     model = l3d.load_model(args.ckpt, args.res).to(device)
@@ -380,8 +343,9 @@ def main(argv=None):
         record = check_run(out, args.ckpt, cfg.image_size)
         merge_parts(out)
     barrier()
-    work, counts = plan(args.data, args.index, done=set(read_images_csv(out / "images.csv")))
-    mine = work[rank::world]  # every scene on exactly one rank: no padding, no drops
+    views, counts = l3d.index_views(args.data, args.index)
+    done = read_images_csv(out / "images.csv")
+    mine = [v for v in views if v[0] not in done][rank::world]  # every scene on exactly one rank: no padding, no drops
     lpips_net = None
     if args.lpips:  # rank 0 first, so that a download into the shared cache happens once
         if rank == 0:

@@ -10,11 +10,13 @@ eval.py scores checkpoints.
 
 Train (the paper's 224 pre-training, then the 518 fine-tuning):
     torchrun --nproc_per_node 8 l3d.py --res 224 --data data/re10k/train/full_list.txt
-    torchrun --nproc_per_node 8 l3d.py --res 518 --init runs/x224/ckpt_0100000.pt --out runs/x518
+    torchrun --nproc_per_node 8 l3d.py --res 518 --init runs/x224/ckpt_0100000.pt
 One GPU, for debugging:
-    python l3d.py --res 224 --batch 4 --data data/re10k/train/full_list.txt
-A laptop CPU, for a class (generated scenes; about 3 minutes, then under 10):
+    python l3d.py --res 224 --batch 4 --out runs/debug
+A laptop CPU, for a class (generated scenes):
     python prepare.py synthetic && python l3d.py --tiny
+Time the training step:
+    python l3d.py --res 224 --bench
 Render with the released weights:
     model = l3d.load_model("uplvsm_x224.pt", res=224)
     render, pose = model(ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy)
@@ -26,7 +28,6 @@ import math
 import os
 import random
 import time
-import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# Config: the architecture, saved inside every checkpoint
+# Config: the architecture, saved inside every checkpoint; and the training presets
 
 
 @dataclass
@@ -69,6 +70,19 @@ class Config:
         # a 10-minute budget the extra steps are worth more than the extra resolution.
         return Config(image_size=32, patch_size=8, dim=128, head_dim=32, n_encoder=2, n_estimator=1,
                       n_decoder=3, n_latents=32, tok_depth=2, tok_heads=4, tok_registers=2, tok_pos_grid=4)
+
+
+# Training settings of each preset: the defaults of the command line, which any flag overrides.
+# 224 and 518 are the paper's recipe (8 GPUs); 518 fine-tunes the 224 weights with a fresh schedule.
+PRESETS = {
+    224: dict(batch=16, steps=100_000, lr=4e-4, warmup=4000, perceptual=0.5, dinov2="download",
+              data="data/re10k/train/full_list.txt", out="runs/x224", save_every=4000, eval_every=4000),
+    518: dict(batch=6, steps=80_000, lr=4e-5, warmup=4000, perceptual=0.5, dinov2="none",
+              data="data/re10k/train/full_list.txt", out="runs/x518", save_every=4000, eval_every=4000),
+    # 1800 steps take 7-8 minutes on a 2-core CPU, leaving room under 10 for a slower day
+    "tiny": dict(batch=8, steps=1800, lr=1e-3, warmup=100, perceptual=0.0, dinov2="none",
+                 data="data/synthetic/train/full_list.txt", out="runs/tiny", save_every=200, eval_every=200),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -139,7 +153,16 @@ def unpatchify(x, p, h, w):
 
 
 def attention(q, k, v):
-    """Softmax attention, q, k, v [b, heads, n, head_dim]; the one place to swap kernels."""
+    """Softmax attention, q, k, v [b, heads, n, head_dim] -> [b, heads, n, head_dim].
+
+    PyTorch picks the kernel at every call from the device, dtype and shapes, and only its math
+    backend writes the n x n scores to memory. On CUDA under bf16 (training and evaluation) with
+    head_dim 64: cuDNN's fused attention on Hopper and Blackwell GPUs when the installed cuDNN is new
+    enough for PyTorch to prefer it, else FlashAttention-2. On CUDA in float32: the memory-efficient
+    kernel, since the flash kernels take half precision only. On CPU: a fused C++ flash-style kernel.
+    attention_backend() names the kernel that runs and --bench prints it. Counting FLOPs needs the
+    math backend, the one whose matmuls FlopCounterMode can see.
+    """
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -264,9 +287,21 @@ class ImageTokenizer(nn.Module):
 class UPLVSM(nn.Module):
     """Two unposed context views + target images -> target renders and target poses.
 
-    The target image is only read by the pose estimator, which squeezes it into 7 numbers; the
-    render comes from the scene latents and the rays of that estimated camera. No pose is ever
-    given: the first context view is the world frame, marked by the rays of an identity camera.
+    No pose is ever given: the first context view is the world frame, marked by the rays of an
+    identity camera, and the target image is only read by the pose estimator, which squeezes it
+    into 7 numbers. The render comes from the scene latents and the rays of that estimated camera.
+    Shapes at the paper's 224 (R = 224, p = 14, n = 256 patches a view, d = 768, L = 1024 latents),
+    for b scenes of 2 context views and v target views:
+
+        context images [b, 2, 3, R, R] --tokenizer--> [b, 2, n, d], + identity-camera rays on view 0
+        [latents L, context tokens 2n] --encoder (6 blocks)--> scene latents [b, L, d]
+        target images [b, v, 3, R, R] --tokenizer--> [b*v, n, d]
+        [target tokens n, latents L] --estimator (4 blocks), mean over n--> [b*v, d]
+            --two heads--> pose [b, v, 7]: translation, unit quaternion (x, y, z, w)
+        pose --> c2w [b, v, 4, 4] --with intrinsics--> Plucker rays [b, v, 6, R, R]
+            --patchify, linear--> ray tokens [b*v, n, d]
+        [ray tokens n, latents L] --decoder (14 blocks), first n--> [b*v, n, d]
+            --linear, sigmoid--> [b*v, n, p*p*3] --unpatchify--> render [b, v, 3, R, R]
     """
 
     def __init__(self, cfg):
@@ -344,7 +379,7 @@ class UPLVSM(nn.Module):
         return torch.cat([t, q], -1).reshape(b, v, 7)  # [b*v, 7] -> [b, v, 7]
 
     def decode(self, latents, c2w, fxfycxcy):
-        """Latents [b, L, d], cameras c2w [b, v, 4, 4] and intrinsics [b, v, 4] -> images [b, v, 3, R, R]."""
+        """Latents [b, L, d], cameras c2w [b, v, 4, 4], intrinsics [b, v, 4] -> images [b, v, 3, R, R]."""
         b, v = c2w.shape[:2]
         R, p = self.config.image_size, self.config.patch_size
         x = self.target_rays(patchify(plucker_rays(c2w, fxfycxcy, R, R), p)).flatten(0, 1)  # [b*v, n, d]
@@ -368,186 +403,127 @@ class UPLVSM(nn.Module):
 # -----------------------------------------------------------------------------
 # Loading weights: the authors' released checkpoints, l3d's own, and DINOv2's
 
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
 CACHE_DIR = Path(os.environ.get("L3D_CACHE", Path.home() / ".cache" / "l3d"))
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14_reg4_pretrain.pth"
 
-# release name -> l3d name, per block; the release's LVSM blocks call qkv "to_qkv" and proj "fc"
-DINO_BLOCK_NAMES = {n: n for n in [
-    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.q_norm.weight",
-    "attn.k_norm.weight", "attn.proj.weight", "attn.proj.bias", "ls1.gamma", "norm2.weight",
-    "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "ls2.gamma"]}
-LVSM_BLOCK_NAMES = {
-    "norm1.weight": "norm1.weight",
-    "attn.to_qkv.weight": "attn.qkv.weight",
-    "attn.q_norm.weight": "attn.q_norm.weight",
-    "attn.k_norm.weight": "attn.k_norm.weight",
-    "attn.fc.weight": "attn.proj.weight",
-    "norm2.weight": "norm2.weight",
-    "mlp.mlp.0.weight": "mlp.fc1.weight",
-    "mlp.mlp.2.weight": "mlp.fc2.weight",
-}
-DINO_TOP_NAMES = {
-    "cls_token": "cls_token",
-    "pos_embed": "pos_embed",
-    "register_tokens": "register_tokens",
-    "patch_embed.proj.weight": "patch_embed.weight",
-    "patch_embed.proj.bias": "patch_embed.bias",
-    "norm.weight": "norm.weight",
-    "norm.bias": "norm.bias",
-}
-RELEASE_TOKENIZER = "image_tokenizer.1.dino_vit."
+# The release's parameter names -> ours. The first prefix that matches is replaced, then every
+# layer rename applies (only the release's LVSM blocks use those names). That is the whole map.
+RELEASE_PREFIXES = [
+    ("image_tokenizer.1.dino_vit.patch_embed.proj.", "tokenizer.patch_embed."),
+    ("image_tokenizer.1.dino_vit.", "tokenizer."),
+    ("n_light_field_latent", "latents"),
+    ("canonical_pose_tokenizer.1.", "canonical_rays."),
+    ("target_pose_tokenizer.1.", "target_rays."),
+    ("transformer_encoder.", "encoder."),
+    ("estimator.transformer_estimator.", "estimator."),
+    ("estimator.absT_head.", "translation_head."),
+    ("estimator.quaR_head.", "rotation_head."),
+    ("transformer_input_layernorm_decoder.", "decoder_norm_in."),
+    ("transformer_decoder.", "decoder."),
+    ("image_token_decoder.0.", "decoder_norm_out."),
+    ("image_token_decoder.1.", "to_pixels."),
+]
+RELEASE_LAYERS = [(".attn.to_qkv.", ".attn.qkv."), (".attn.fc.", ".attn.proj."),
+                  (".mlp.mlp.0.", ".mlp.fc1."), (".mlp.mlp.2.", ".mlp.fc2.")]
+DINOV2_PREFIXES = [("patch_embed.proj.", "patch_embed.")]  # DINOv2's own file -> our ImageTokenizer
 
 
-def dinov2_names(cfg):
-    """DINOv2 checkpoint name -> name inside our ImageTokenizer."""
-    names = dict(DINO_TOP_NAMES)
-    for i in range(cfg.tok_depth):
-        names.update({f"blocks.{i}.{a}": f"blocks.{i}.{b}" for a, b in DINO_BLOCK_NAMES.items()})
-    return names
+def rename(sd, prefixes, layers=()):
+    """A state dict under new names: the first matching (old, new) prefix, then every layer rename."""
+    out = {}
+    for name, tensor in sd.items():
+        for old, new in prefixes:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        for old, new in layers:
+            name = name.replace(old, new)
+        out[name] = tensor
+    return out
 
 
-def release_names(cfg):
-    """Every tensor of the released UP-LVSM checkpoints: release name -> l3d name."""
-    names = {RELEASE_TOKENIZER + a: "tokenizer." + b for a, b in dinov2_names(cfg).items()}
-    names.update({
-        "n_light_field_latent": "latents",
-        "canonical_pose_tokenizer.1.weight": "canonical_rays.weight",
-        "target_pose_tokenizer.1.weight": "target_rays.weight",
-        "transformer_input_layernorm_decoder.weight": "decoder_norm_in.weight",
-        "image_token_decoder.0.weight": "decoder_norm_out.weight",
-        "image_token_decoder.1.weight": "to_pixels.weight",
-    })
-    for head, ours in (("absT_head", "translation_head"), ("quaR_head", "rotation_head")):
-        for part in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
-            names[f"estimator.{head}.{part}"] = f"{ours}.{part}"
-    for stack, ours, depth in (("transformer_encoder", "encoder", cfg.n_encoder),
-                               ("estimator.transformer_estimator", "estimator", cfg.n_estimator),
-                               ("transformer_decoder", "decoder", cfg.n_decoder)):
-        for i in range(depth):
-            names.update({f"{stack}.{i}.{a}": f"{ours}.{i}.{b}" for a, b in LVSM_BLOCK_NAMES.items()})
-    return names
+def load_weights(module, sd, source, new=()):
+    """Copy sd into module, every name and shape checked; only parameters whose names end in one of
+    `new` (weights the file's model did not have) may be absent, and keep their initial values."""
+    try:
+        missing, unexpected = module.load_state_dict(sd, strict=False)  # still raises on a shape mismatch
+    except RuntimeError as e:
+        raise ValueError(f"{source}: does not fit {type(module).__name__}: {e}") from None
+    missing = [k for k in missing if not k.endswith(tuple(new))]
+    if missing or unexpected:
+        raise ValueError(f"{source}: does not fit {type(module).__name__} {getattr(module, 'config', '')}: "
+                         f"missing {len(missing)} tensor(s) {missing[:6]}, unexpected {len(unexpected)} "
+                         f"{unexpected[:6]}")
 
 
-def config_from_release(sd, res, source):
-    """The architecture of a released checkpoint, read from its tensor shapes alone."""
-    def shape(name):
-        if name not in sd:
-            raise KeyError(f"{source}: missing tensor '{name}', so this is not an UP-LVSM release checkpoint")
-        return sd[name].shape
-
-    def depth(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-    n_latents, dim = shape("n_light_field_latent")
-    tok_dim = shape(RELEASE_TOKENIZER + "cls_token")[-1]
-    return Config(
-        image_size=res,
-        patch_size=shape(RELEASE_TOKENIZER + "patch_embed.proj.weight")[-1],
-        dim=dim,
-        head_dim=shape("transformer_encoder.0.attn.q_norm.weight")[0],
-        n_encoder=depth("transformer_encoder."),
-        n_estimator=depth("estimator.transformer_estimator."),
-        n_decoder=depth("transformer_decoder."),
-        n_latents=n_latents,
-        tok_depth=depth(RELEASE_TOKENIZER + "blocks."),
-        tok_heads=tok_dim // shape(RELEASE_TOKENIZER + "blocks.0.attn.q_norm.weight")[0],
-        tok_registers=shape(RELEASE_TOKENIZER + "register_tokens")[1],
-        tok_pos_grid=math.isqrt(shape(RELEASE_TOKENIZER + "pos_embed")[1] - 1),
-    )
+def read_checkpoint(path):
+    """A checkpoint file -> its dict. weights_only: a file from the internet must not run code as it loads."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}); a download cut short? Fetch it again") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path}: holds no 'model' state dict, so it is neither a released UP-LVSM "
+                         f"checkpoint nor an l3d one")
+    return ckpt
 
 
-def copy_weights(module, sd, names, source, ignore_prefixes=()):
-    """Copy sd[theirs] into module[ours] for every (theirs, ours) in names, checking every shape.
+def load_model(ckpt, res=None, config=None):
+    """A checkpoint (path or loaded dict) -> UPLVSM on the CPU, in eval mode.
 
-    Tensors of sd that are neither named nor under ignore_prefixes are an error: they mean the
-    file holds an architecture we would silently drop. Returns the ignored names.
-    """
-    ours = module.state_dict()
-    missing = [a for a in names if a not in sd]
-    if missing:
-        raise KeyError(f"{source}: missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
-    unknown = [k for k in sd if k not in names and not k.startswith(tuple(ignore_prefixes))]
-    if unknown:
-        raise KeyError(f"{source}: {len(unknown)} tensor(s) this model has no place for: {', '.join(unknown[:8])}")
-    for theirs, mine in names.items():
-        if tuple(sd[theirs].shape) != tuple(ours[mine].shape):
-            raise ValueError(f"{source}: tensor '{theirs}' has shape {list(sd[theirs].shape)}, "
-                             f"the model expects {list(ours[mine].shape)} for '{mine}'")
-    with torch.no_grad():
-        for theirs, mine in names.items():
-            ours[mine].copy_(sd[theirs])
-    return [k for k in sd if k not in names]
-
-
-def load_model(ckpt, res=None):
-    """A released UP-LVSM checkpoint or an l3d one (a path or a loaded dict) -> UPLVSM on CPU, eval mode.
-
-    Release files record no image size: pass res (224 or 518). l3d checkpoints record their Config;
-    res, if given, overrides the image size (the tokenizer resizes its position embeddings).
+    l3d checkpoints record their Config; res, if given, overrides the image size (the tokenizer
+    resizes its position embeddings). The released files are Config.paper(res) and do not record
+    res: pass 224 or 518. config replaces Config.paper(res) for release-named files of other sizes.
     """
     source = str(ckpt) if isinstance(ckpt, (str, Path)) else "checkpoint dict"
-    if isinstance(ckpt, (str, Path)):
-        if not Path(ckpt).is_file():
-            raise FileNotFoundError(f"{ckpt}: no such checkpoint file")
-        try:  # weights_only: a checkpoint from the internet must not run code when it loads
-            ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{source}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
-                             f"If the file is whole but holds Python objects besides tensors and you trust its source, "
-                             f"pass load_model(torch.load(path, weights_only=False), res)") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{source}: expected a dict with a 'model' state dict, as the release and l3d save")
-    sd = ckpt["model"]
+    ckpt = read_checkpoint(ckpt) if isinstance(ckpt, (str, Path)) else ckpt
     if "config" in ckpt:
         cfg = Config(**ckpt["config"])
         cfg = replace(cfg, image_size=res) if res else cfg
-        model = UPLVSM(cfg)
-        copy_weights(model, sd, {k: k for k in model.state_dict()}, source)
+        sd = ckpt["model"]
     else:
-        if res is None:
-            raise ValueError(f"{source}: release checkpoints do not record their image size; "
+        if res is None and config is None:
+            raise ValueError(f"{source}: released checkpoints do not record their image size; "
                              f"pass res=224 or res=518 (eval.py: --res 224 or --res 518)")
-        cfg = config_from_release(sd, res, source)
-        model = UPLVSM(cfg)
-        ignored = copy_weights(model, sd, release_names(cfg), source, ignore_prefixes=("loss_computer.",))
-        if ignored:
-            print(f"{source}: ignored {len(ignored)} tensor(s) under loss_computer.* (the training loss's frozen VGG-19)")
+        cfg = replace(config, image_size=res or config.image_size) if config else Config.paper(res)
+        sd = {k: v for k, v in ckpt["model"].items() if not k.startswith("loss_computer.")}
+        if len(sd) < len(ckpt["model"]):
+            print(f"{source}: ignored {len(ckpt['model']) - len(sd)} tensor(s) under loss_computer.* "
+                  f"(the training loss's frozen VGG-19)")
+        sd = rename(sd, RELEASE_PREFIXES, RELEASE_LAYERS)
+    model = UPLVSM(cfg)
+    load_weights(model, sd, source)
     return model.eval()
 
 
-def download(url, dest):
-    """Download url to dest once (through a temporary file, so a killed download leaves nothing)."""
-    dest = Path(dest)
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url) as r, open(tmp, "wb") as f, \
-                tqdm(total=int(r.headers.get("Content-Length") or 0), unit="B", unit_scale=True,
-                     desc=f"downloading {dest.name}") as bar:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"could not download {url} to {dest} ({e}); download it by hand and put it there "
-                           f"(or point L3D_CACHE at a folder that holds it)") from e
-    os.replace(tmp, dest)
+def download(url):
+    """The file at url, downloaded once into CACHE_DIR (torch.hub writes through a temporary file and
+    shows a progress bar) -> its path."""
+    dest = CACHE_DIR / url.rsplit("/", 1)[-1]
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(dest), progress=True)
+        except OSError as e:
+            raise RuntimeError(f"could not download {url} to {dest} ({e}); download it by hand and put it "
+                               f"there (or point L3D_CACHE at a folder that holds it)") from e
     return dest
 
 
 def load_dinov2(model, path=None, url=DINOV2_URL):
-    """Initialise the image tokenizer from DINOv2 ViT-B/14 reg4 (a local file, or downloaded once into CACHE_DIR).
+    """Initialise the image tokenizer from DINOv2 ViT-B/14 reg4: a local file, or one download into CACHE_DIR.
 
     The QK-norm weights are new to DINOv2's blocks and stay at 1; DINOv2's mask token is unused.
     """
-    path = Path(path) if path else download(url, CACHE_DIR / url.rsplit("/", 1)[-1])
+    path = Path(path) if path else download(url)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such DINOv2 checkpoint")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    names = {a: b for a, b in dinov2_names(model.config).items() if not b.endswith(("q_norm.weight", "k_norm.weight"))}
-    copy_weights(model.tokenizer, sd, names, str(path), ignore_prefixes=("mask_token",))
+    sd = rename(torch.load(path, map_location="cpu", weights_only=True), DINOV2_PREFIXES)
+    sd.pop("mask_token", None)
+    load_weights(model.tokenizer, sd, str(path), new=("q_norm.weight", "k_norm.weight"))
 
 
 # -----------------------------------------------------------------------------
@@ -556,38 +532,9 @@ def load_dinov2(model, path=None, url=DINOV2_URL):
 VGG19_URL = "https://www.vlfeat.org/matconvnet/models/imagenet-vgg-verydeep-19.mat"
 # conv layers of VGG-19 up to relu5_2, grouped into the five slices whose outputs the loss compares
 VGG19_SLICES = [["conv1_1", "conv1_2"], ["pool", "conv2_1", "conv2_2"], ["pool", "conv3_1", "conv3_2"],
-                ["conv3_3", "conv3_4", "pool", "conv4_1", "conv4_2"], ["conv4_3", "conv4_4", "pool", "conv5_1", "conv5_2"]]
+                ["conv3_3", "conv3_4", "pool", "conv4_1", "conv4_2"],
+                ["conv4_3", "conv4_4", "pool", "conv5_1", "conv5_2"]]
 VGG19_WEIGHTS = [1 / 2.6, 1 / 4.8, 1 / 3.7, 1 / 5.6, 10 / 1.5]  # LVSM's per-slice balance
-
-
-class PerceptualLoss(nn.Module):
-    """LVSM's perceptual loss. Frozen; max-pools are 2x2 average pools, which give smoother gradients."""
-
-    def __init__(self, path=None, url=VGG19_URL):
-        super().__init__()
-        path = Path(path) if path else download(url, CACHE_DIR / url.rsplit("/", 1)[-1])
-        convs = read_matconvnet_vgg(path)
-        self.slices = nn.ModuleList()
-        for names in VGG19_SLICES:
-            layers = []
-            for name in names:
-                if name == "pool":
-                    layers.append(nn.AvgPool2d(2, 2))
-                else:
-                    layers += [convs[name], nn.ReLU()]
-            self.slices.append(nn.Sequential(*layers))
-        self.register_buffer("mean", torch.tensor([123.68, 116.779, 103.939]).reshape(1, 3, 1, 1))  # [3] -> [1, 3, 1, 1]
-        self.requires_grad_(False)
-        self.eval()
-
-    def forward(self, pred, target):
-        """pred, target [N, 3, h, w] in [0, 1] -> scalar."""
-        x, y = pred * 255.0 - self.mean, target * 255.0 - self.mean
-        loss = (x - y).abs().mean()
-        for block, weight in zip(self.slices, VGG19_WEIGHTS):
-            x, y = block(x), block(y)
-            loss = loss + weight * (x - y).abs().mean()
-        return loss / 255.0
 
 
 def read_matconvnet_vgg(path):
@@ -604,7 +551,8 @@ def read_matconvnet_vgg(path):
         name = str(rec["name"][0])
         if name in wanted:
             w, b = rec["weights"][0][0], rec["weights"][0][1]
-            w = torch.from_numpy(np.ascontiguousarray(w)).float().permute(3, 2, 0, 1)  # [h, w, in, out] -> [out, in, h, w]
+            w = torch.from_numpy(np.ascontiguousarray(w)).float()
+            w = w.permute(3, 2, 0, 1)  # [h, w, in, out] -> [out, in, h, w]
             conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
             conv.weight.data.copy_(w)
             conv.bias.data.copy_(torch.from_numpy(np.asarray(b)).float().reshape(-1))  # [out, 1] -> [out]
@@ -614,8 +562,45 @@ def read_matconvnet_vgg(path):
     return convs
 
 
+class PerceptualLoss(nn.Module):
+    """LVSM's perceptual loss. Frozen; max-pools are 2x2 average pools, which give smoother gradients."""
+
+    def __init__(self, path=None, url=VGG19_URL, random_weights=False):
+        super().__init__()
+        if random_weights:  # for timing only: the same network, untrained
+            convs, width = {}, 3
+            for name in (n for names in VGG19_SLICES for n in names if n != "pool"):
+                convs[name] = nn.Conv2d(width, 64 * 2 ** min(int(name[4]) - 1, 3), 3, padding=1)
+                width = convs[name].out_channels
+        else:
+            convs = read_matconvnet_vgg(path or download(url))
+        self.slices = nn.ModuleList()
+        for names in VGG19_SLICES:
+            layers = []
+            for name in names:
+                if name == "pool":
+                    layers.append(nn.AvgPool2d(2, 2))
+                else:
+                    layers += [convs[name], nn.ReLU()]
+            self.slices.append(nn.Sequential(*layers))
+        mean = torch.tensor([123.68, 116.779, 103.939])  # ImageNet's RGB mean, in MatConvNet's 0-255 units
+        self.register_buffer("mean", mean.reshape(1, 3, 1, 1))  # [3] -> [1, 3, 1, 1]
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, pred, target):
+        """pred, target [N, 3, h, w] in [0, 1] -> scalar."""
+        x, y = pred * 255.0 - self.mean, target * 255.0 - self.mean
+        loss = (x - y).abs().mean()
+        for block, weight in zip(self.slices, VGG19_WEIGHTS):
+            x, y = block(x), block(y)
+            loss = loss + weight * (x - y).abs().mean()
+        return loss / 255.0
+
+
 # -----------------------------------------------------------------------------
-# Data: the processed RealEstate10K layout (LVSM's and the release's) and the view sampling of the paper
+# Data: the processed RealEstate10K layout (LVSM's and the release's), the paper's view sampling,
+# and evaluation indexes
 
 
 def read_list(list_path):
@@ -664,7 +649,8 @@ def load_view(path, fxfycxcy, res, patch):
         raise ValueError(f"{path}: {w0}x{h0} is taller than wide; l3d crops landscape frames to squares")
     left = (w - res) // 2
     img = img.resize((w, res), Image.LANCZOS).crop((left, 0, left + res, res))
-    image = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0  # [h, w, 3] -> [3, h, w]
+    image = torch.from_numpy(np.asarray(img).copy()).float() / 255.0
+    image = image.permute(2, 0, 1)  # [h, w, 3] -> [3, h, w]
     fx, fy, cx, cy = (float(x) for x in fxfycxcy)
     sx, sy = w / w0, res / h0
     return image, torch.tensor([fx * sx, fy * sy, cx * sx - left, cy * sy])
@@ -737,38 +723,61 @@ def epoch_samples(n_scenes, epoch, rank, world, seed):
 
 
 def read_index(index_path):
-    """An evaluation index json -> {scene: {"context": [i, j], "target": [a, b, c]} or None}."""
+    """An evaluation index json -> {scene: {"context": [i, j], "target": [a, b, c]} or None}.
+    Other keys of an entry (the release's extra indexes have "overlap") are kept and ignored."""
     try:
         index = json.loads(Path(index_path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{index_path}: unreadable evaluation index ({e})") from None
     if not isinstance(index, dict):
-        raise ValueError(f"{index_path}: expected a json object {{scene: views}}, got a {type(index).__name__}")
-    bad = [k for k, v in index.items() if v is not None and not (isinstance(v, dict) and v.get("context") and v.get("target"))]
+        raise ValueError(f"{index_path}: expected a json object {{scene: views}}, not {type(index).__name__}")
+    bad = [k for k, v in index.items()
+           if v is not None and not (isinstance(v, dict) and v.get("context") and v.get("target"))]
     if bad:
-        raise ValueError(f"{index_path}: expected {{scene: {{'context': [...], 'target': [...]}} or null}}; bad entries: {bad[:5]}")
+        raise ValueError(f"{index_path}: expected {{scene: {{'context': [...], 'target': [...]}} or null}}; "
+                         f"bad entries: {bad[:5]}")
     return index
 
 
-def load_index_views(list_path, index_path):
-    """The held-out views of an evaluation index: [(scene name, frames, context, target)] for scenes on disk."""
+def index_views(list_path, index_path):
+    """The scenes of an evaluation index that a split has -> ([(scene, metadata path, context, target)]
+    sorted by scene, counts of the index entries left out: null ones and scenes not in the list).
+    No metadata is read: the processed layout names each metadata file after its scene."""
     index = read_index(index_path)
-    out = []
-    for meta in read_list(list_path):
-        scene = read_scene(meta)
-        views = index.get(scene["scene_name"])
-        if views and max(views["context"] + views["target"]) < len(scene["frames"]):
-            out.append((scene["scene_name"], scene["frames"], views["context"], views["target"]))
-    return out
+    on_disk = {Path(p).stem: p for p in read_list(list_path)}
+    views, counts = [], {"index_null": 0, "missing": 0}
+    for scene in sorted(index):
+        if index[scene] is None:
+            counts["index_null"] += 1
+        elif scene not in on_disk:
+            counts["missing"] += 1
+        else:
+            views.append((scene, on_disk[scene], index[scene]["context"], index[scene]["target"]))
+    return views, counts
 
 
 # -----------------------------------------------------------------------------
-# Training: AdamW, warm-up then cosine, the release's skip rules, DDP, resumable checkpoints
+# Training: one process per GPU (or one on the CPU), AdamW with warm-up then cosine, the release's
+# skip rules, resumable checkpoints, held-out checks, and the bench
 
 
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def setup(device=None):
+    """-> (rank, world size, device). torchrun sets RANK and starts one process per GPU, joined by
+    NCCL (gloo on CPUs); a plain `python` run is rank 0 of 1. device: "cuda" or "cpu", or None for
+    the GPU when there is one."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
 def lr_at(step, peak, warmup, total):
@@ -788,13 +797,69 @@ def make_optimizer(model, lr, weight_decay=0.05, fused=False):
 
 
 def clip_or_skip(params, clip=1.0, skip_factor=4.0):
-    """Zero non-finite gradients, clip the total norm at `clip`; True when the update should be
-    skipped because the pre-clip norm exceeded skip_factor * clip (the release's guard against spikes)."""
+    """Zero non-finite gradients and clip the total norm at `clip` -> (too large, pre-clip norm).
+    Too large, above skip_factor * clip, means the update should be skipped: the release's guard
+    against loss spikes."""
     grads = [p.grad for p in params if p.grad is not None]
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-    norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    return norm.item() > skip_factor * clip, norm.item()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+    return norm > skip_factor * clip, norm
+
+
+def psnr(pred, target):
+    """PSNR in dB of images [N, 3, h, w] in [0, 1], one per image -> [N] float64 (inf where equal).
+    The render is clamped to [0, 1] first, as the paper's evaluation does."""
+    pred, target = pred.double().clamp(0, 1), target.double().clamp(0, 1)
+    mse = (pred - target).pow(2).flatten(1).mean(1)  # [N, 3, h, w] -> [N, 3*h*w] -> [N]
+    return -10 * torch.log10(mse)
+
+
+def make_train_step(model, opt, args, device, world, perceptual=None):
+    """-> train_step(batch, lr) -> (loss, PSNR, gradient norm, updated): the paper's training step,
+    the one train() and bench() both take. The loss is averaged over ranks, so that every rank
+    makes the same decision to update or to skip."""
+    run = model  # the plain module stays for saving and evaluation
+    if world > 1:
+        run = torch.nn.parallel.DistributedDataParallel(model)  # on the model's one device, GPU or CPU
+    if args.compile and device.type == "cuda":
+        run = torch.compile(run)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def train_step(batch, lr):
+        ctx, ctx_k, tgt, tgt_k = (x.to(device, non_blocking=True) for x in batch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            render, _ = run(ctx, ctx_k, tgt, tgt_k)
+            render, tgt = render.float().flatten(0, 1), tgt.flatten(0, 1)  # [b, v, 3, h, w] -> [b*v, 3, h, w]
+            loss = F.mse_loss(render, tgt)
+            if perceptual:
+                loss = loss + args.perceptual * perceptual(render, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients across ranks here
+        loss = loss.detach()
+        if world > 1:
+            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+        too_large, gnorm = clip_or_skip(params, args.clip)
+        updated = not too_large and bool(torch.isfinite(loss))
+        if updated:
+            opt.step()
+        return loss.item(), psnr(render.detach(), tgt).mean().item(), gnorm, updated
+
+    return train_step
+
+
+def batches(data, step, per_epoch, args, rank, world, pin_memory):
+    """Training batches from step `step` on, epoch after epoch: a resumed run gets exactly the batches
+    the uninterrupted run would have had."""
+    epoch, done = divmod(step, per_epoch)
+    while True:
+        samples = epoch_samples(len(data), epoch, rank, world, args.seed)[done * args.batch:]
+        yield from torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=samples, drop_last=True,
+                                               num_workers=args.workers, pin_memory=pin_memory)
+        epoch, done = epoch + 1, 0
 
 
 def write_atomic(path, text):
@@ -808,11 +873,11 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out, state, keep):
+def save_checkpoint(out, ckpt, keep):
     """Write out/ckpt_<step>.pt through a temporary file and a rename; keep the newest `keep`."""
-    path = Path(out) / f"ckpt_{state['step']:07d}.pt"
+    path = Path(out) / f"ckpt_{ckpt['step']:07d}.pt"
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
+    torch.save(ckpt, tmp)
     os.replace(tmp, path)
     for old in sorted(Path(out).glob("ckpt_*.pt"))[:-keep]:
         old.unlink()
@@ -820,47 +885,128 @@ def save_checkpoint(out, state, keep):
 
 
 def latest_checkpoint(out):
-    """The newest readable checkpoint in out, or None."""
+    """The newest readable checkpoint in out -> (path, checkpoint dict), or None."""
     for path in sorted(Path(out).glob("ckpt_*.pt"), reverse=True):
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a file cut short by a full disk; the rename makes this rare
-            warnings.warn(f"{path}: unreadable checkpoint ({e}); trying an older one")
+            return path, read_checkpoint(path)
+        except ValueError as e:  # a file cut short by a full disk; the rename makes this rare
+            warnings.warn(f"{e}; trying an older one")
     return None
-
-
-def psnr(pred, target):
-    """Mean PSNR in dB of images in [0, 1], one MSE per image."""
-    mse = (pred.float().clamp(0, 1) - target.float()).pow(2).flatten(1).mean(1)  # [n, 3, h, w] -> [n, 3*h*w] -> [n]
-    return (-10 * torch.log10(mse.clamp(min=1e-10))).mean().item()
 
 
 def to_pil(image):
     """An image [3, h, w] in [0, 1] -> an 8-bit RGB PIL image."""
-    return Image.fromarray(image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())  # [3, h, w] -> [h, w, 3]
+    image = image.clamp(0, 1).mul(255).round().byte().cpu()
+    return Image.fromarray(image.permute(1, 2, 0).numpy())  # [3, h, w] -> [h, w, 3]
+
+
+def load_heldout(list_path, index_path, n_scenes, cfg):
+    """The first n_scenes scenes of an evaluation index, loaded once -> [(ctx, ctx_k, tgt, tgt_k)]."""
+    scenes = []
+    for _, meta, context, target in index_views(list_path, index_path)[0][:n_scenes]:
+        frames = read_scene(meta)["frames"]
+        if max(context + target) < len(frames):
+            scenes.append((*load_views(frames, context, cfg.image_size, cfg.patch_size),
+                           *load_views(frames, target, cfg.image_size, cfg.patch_size)))
+    return scenes
 
 
 @torch.no_grad()
-def heldout(model, views, cfg, device, out_png=None):
-    """PSNR of the model on held-out indexed views, beside two baselines a model must beat: the pixel
+def heldout(model, scenes, device, out_png=None):
+    """Mean PSNR of the model on held-out scenes, beside two baselines a model must beat: the pixel
     mean of the two context views, and the better of the two context views copied (per target)."""
     model.eval()
     scores = {"psnr": [], "mean_of_context": [], "best_context_copy": []}
     rows = []
-    for name, frames, ctx, tgt in views:
-        ci, ck = load_views(frames, ctx, cfg.image_size, cfg.patch_size)
-        ti, tk = load_views(frames, tgt, cfg.image_size, cfg.patch_size)
-        render, _ = model(ci[None].to(device), ck[None].to(device), ti[None].to(device), tk[None].to(device))
-        render = render[0].float().cpu()
-        for j in range(len(tgt)):
-            scores["psnr"].append(psnr(render[j:j + 1], ti[j:j + 1]))
-            scores["mean_of_context"].append(psnr(ci.mean(0, keepdim=True), ti[j:j + 1]))
-            scores["best_context_copy"].append(max(psnr(ci[k:k + 1], ti[j:j + 1]) for k in range(2)))
+    for ci, ck, ti, tk in scenes:
+        render = model(ci[None].to(device), ck[None].to(device), ti[None].to(device), tk[None].to(device))[0]
+        render = render[0].float().cpu()  # [v, 3, R, R]
+        scores["psnr"] += psnr(render, ti).tolist()
+        scores["mean_of_context"] += psnr(ci.mean(0, keepdim=True).expand_as(ti), ti).tolist()
+        copies = [psnr(ci[k:k + 1].expand_as(ti), ti) for k in range(2)]
+        scores["best_context_copy"] += torch.maximum(*copies).tolist()
         if len(rows) < 4:
             rows.append(torch.cat([ci[0], ci[1], ti[0], render[0]], 2))  # context | context | target | render
     if out_png and rows:
         to_pil(torch.cat(rows, 1)).save(out_png)
     return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def build(args):
+    """The processes, the model of the preset and its optimizer -> (rank, world, device, model, opt)."""
+    rank, world, device = setup(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the paper trains
+    torch.manual_seed(args.seed)
+    model = UPLVSM(Config.tiny() if args.tiny else Config.paper(args.res)).to(device)
+    model.grad_checkpoint = args.grad_checkpoint
+    return rank, world, device, model, make_optimizer(model, args.lr, fused=device.type == "cuda")
+
+
+def train(args):
+    rank, world, device, model, opt = build(args)
+    cfg = model.config
+    # step counts the batches trained on, and sets the schedule; updates counts those the optimizer
+    # applied, the rest having been skipped for a non-finite loss or a gradient spike
+    step, updates = 0, 0
+    out = Path(args.out)
+    if last := latest_checkpoint(out):
+        path, ckpt = last
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, updates = ckpt["step"], ckpt["updates"]
+        print0(f"resuming from {path} at step {step}")
+    elif args.init:
+        init = load_model(args.init, res=cfg.image_size, config=cfg)
+        if init.config != cfg:
+            raise ValueError(f"{args.init}: its architecture {init.config} differs from this run's {cfg}")
+        model.load_state_dict(init.state_dict())
+        print0(f"initialised from {args.init} (weights only: optimizer and schedule start fresh)")
+    elif args.dinov2 != "none":
+        load_dinov2(model, None if args.dinov2 == "download" else args.dinov2)
+        print0("image tokenizer initialised from DINOv2 ViT-B/14 reg4")
+    perceptual = PerceptualLoss(args.vgg).to(device) if args.perceptual > 0 else None
+    train_step = make_train_step(model, opt, args, device, world, perceptual)
+
+    data = SceneDataset(args.data, cfg.image_size, cfg.patch_size)
+    per_epoch = len(data) // world // args.batch
+    if per_epoch == 0:
+        raise ValueError(f"{args.data}: {len(data)} scenes over {world} rank(s) make no batch of "
+                         f"{args.batch}; a smaller --batch?")
+    scenes = []
+    if rank == 0 and Path(args.eval_index).is_file():
+        scenes = load_heldout(args.eval_data, args.eval_index, args.eval_scenes, cfg)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"config: {cfg}\ntraining: {vars(args)}\ndevice: {device}, ranks: {world}, "
+              f"parameters: {sum(p.numel() for p in model.parameters()):,}, scenes: {len(data)}, "
+              f"held-out scenes: {len(scenes)}", flush=True)
+
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    it = batches(data, step, per_epoch, args, rank, world, pin_memory=device.type == "cuda")
+    tick = time.time()
+    while step < args.steps:
+        lr = lr_at(step, args.lr, args.warmup, args.steps)
+        loss, train_psnr, gnorm, updated = train_step(next(it), lr)
+        step, updates = step + 1, updates + updated
+        if rank != 0:
+            continue
+        dt, tick = time.time() - tick, time.time()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{train_psnr:.2f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.2f}",
+                        skipped=step - updates, samples_s=f"{args.batch * world / dt:.1f}")
+        if scenes and (step % args.eval_every == 0 or step == args.steps):
+            scores = heldout(model, scenes, device, out / f"heldout_{step:07d}.png")
+            bar.write(f"step {step}: held-out PSNR {scores['psnr']:.2f} dB (mean of context "
+                      f"{scores['mean_of_context']:.2f}, best context copy "
+                      f"{scores['best_context_copy']:.2f})")
+        if step % args.save_every == 0 or step == args.steps:
+            ckpt = {"model": model.state_dict(), "config": asdict(cfg), "optimizer": opt.state_dict(),
+                    "step": step, "updates": updates, "args": vars(args)}
+            bar.write(f"saved {save_checkpoint(out, ckpt, args.keep)}")
+    bar.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 def model_flops(cfg, v_ctx=2, v_tgt=6):
@@ -876,157 +1022,56 @@ def model_flops(cfg, v_ctx=2, v_tgt=6):
             + 2 * 6 * cfg.patch_size ** 2 * d * n * (1 + v_tgt) + 2 * d * 3 * cfg.patch_size ** 2 * n * v_tgt)
 
 
-def train(args):
-    ddp = "RANK" in os.environ
-    if ddp:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    else:
-        rank, world = 0, 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-    cuda = device.type == "cuda"
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
+def attention_backend(device, dtype, head_dim=64, tokens=256):
+    """The name of the kernel that attention() runs for these inputs, seen at dispatch, not guessed."""
+    from torch.utils._python_dispatch import TorchDispatchMode  # the hook FlopCounterMode is built on
 
-    cfg = Config.tiny() if args.tiny else Config.paper(args.res)
-    model = UPLVSM(cfg)
-    out = Path(args.out)
-    resumed = latest_checkpoint(out) if out.is_dir() else None
-    if resumed:
-        path, ckpt = resumed
-        model.load_state_dict(ckpt["model"])
-        print0(f"resuming from {path} at step {ckpt['step']}")
-    elif args.init:
-        init = load_model(args.init, res=cfg.image_size)
-        if replace(init.config, image_size=cfg.image_size) != cfg:
-            raise ValueError(f"{args.init}: its architecture {init.config} differs from this run's {cfg}")
-        model.load_state_dict(init.state_dict())
-        print0(f"initialised from {args.init} (weights only: optimizer and schedule start fresh)")
-    elif args.dinov2 != "none":
-        load_dinov2(model, None if args.dinov2 == "download" else args.dinov2)
-        print0("image tokenizer initialised from DINOv2 ViT-B/14 reg4")
-    model.to(device)
-    model.grad_checkpoint = args.grad_checkpoint
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(model, args.lr, fused=cuda)
-    step, updates = 0, 0
-    if resumed:
-        opt.load_state_dict(ckpt["optimizer"])
-        step, updates = ckpt["step"], ckpt["updates"]
-        torch.set_rng_state(ckpt["rng"]["torch"])  # the data order does not need these (see SceneDataset)
-        random.setstate(ckpt["rng"]["python"])
-    train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if ddp else model
-    if args.compile and cuda:
-        train_model = torch.compile(train_model)
-    perceptual = PerceptualLoss(args.vgg).to(device) if args.perceptual > 0 else None
+    class Seen(TorchDispatchMode):
+        ops = []
 
-    data = SceneDataset(args.data, cfg.image_size, cfg.patch_size)
-    per_epoch = len(data) // world // args.batch
-    if per_epoch == 0:
-        raise ValueError(f"{args.data}: {len(data)} scenes over {world} rank(s) make no batch of {args.batch}")
-    heldout_views = []
-    if args.eval_index and Path(args.eval_index).is_file():
-        heldout_views = load_index_views(args.eval_data, args.eval_index)[:args.eval_scenes]
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Seen.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
 
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"config: {cfg}\ntraining: {vars(args)}\ndevice: {device}, ranks: {world}, "
-              f"parameters: {sum(p.numel() for p in params):,}, scenes: {len(data)}", flush=True)
-
-    def state():
-        return {"model": model.state_dict(), "config": asdict(cfg), "optimizer": opt.state_dict(),
-                "step": step, "updates": updates, "args": vars(args),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
-
-    def batches(step):
-        epoch, skip = divmod(step, per_epoch)
-        while True:
-            samples = epoch_samples(len(data), epoch, rank, world, args.seed)[skip * args.batch:]
-            yield from torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=samples, drop_last=True,
-                                                   num_workers=args.workers, pin_memory=cuda)
-            epoch, skip = epoch + 1, 0
-
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    it = batches(step)
-    tick = time.time()
-    while step < args.steps:
-        ctx, ctx_k, tgt, tgt_k = (x.to(device, non_blocking=True) for x in next(it))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
-        model.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            render, _ = train_model(ctx, ctx_k, tgt, tgt_k)
-            render, tgt = render.float().flatten(0, 1), tgt.flatten(0, 1)  # [b, v, 3, h, w] -> [b*v, 3, h, w]
-            mse = F.mse_loss(render, tgt)
-            loss = mse + args.perceptual * perceptual(render, tgt) if perceptual else mse
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients across ranks here
-        mean_loss = loss.detach().clone()
-        if ddp:
-            torch.distributed.all_reduce(mean_loss, op=torch.distributed.ReduceOp.AVG)
-        skip, gnorm = clip_or_skip(params, args.clip)
-        if not skip and torch.isfinite(mean_loss):
-            opt.step()
-            updates += 1
-        step += 1
-        if rank == 0:
-            dt, tick = time.time() - tick, time.time()
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss.item():.4f}", psnr=f"{-10 * math.log10(max(mse.item(), 1e-10)):.2f}",
-                            lr=f"{opt.param_groups[0]['lr']:.2e}", gnorm=f"{gnorm:.2f}",
-                            samples_s=f"{args.batch * world / dt:.1f}")
-            if heldout_views and (step % args.eval_every == 0 or step == args.steps):
-                scores = heldout(model, heldout_views, cfg, device, out / f"heldout_{step:07d}.png")
-                bar.write(f"step {step}: held-out PSNR {scores['psnr']:.2f} dB (mean of context "
-                          f"{scores['mean_of_context']:.2f}, best context copy {scores['best_context_copy']:.2f})")
-            if step % args.save_every == 0 or step == args.steps:
-                bar.write(f"saved {save_checkpoint(out, state(), args.keep)}")
-    bar.close()
-    if ddp:
-        torch.distributed.destroy_process_group()
+    q = torch.randn(1, 2, tokens, head_dim, device=device, dtype=dtype)
+    with Seen():
+        attention(q, q, q)
+    return next((op for op in Seen.ops if "attention" in op), "math: " + " ".join(Seen.ops))
 
 
 def bench(args):
-    """Forward + backward + AdamW steps on random inputs: ms/step, samples/s, peak memory, MFU."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    cfg = Config.tiny() if args.tiny else Config.paper(args.res)
-    model = UPLVSM(cfg).to(device).train()
-    model.grad_checkpoint = args.grad_checkpoint
-    run = torch.compile(model) if args.compile and cuda else model
-    opt = make_optimizer(model, args.lr, fused=cuda)
+    """Time the training step as train() takes it, on random inputs: ms/step, samples/s, memory, MFU."""
+    rank, world, device, model, opt = build(args)
+    cfg, cuda = model.config, device.type == "cuda"
+    perceptual = None
+    if args.perceptual > 0:
+        try:
+            perceptual = PerceptualLoss(args.vgg).to(device)
+        except (RuntimeError, ValueError) as e:
+            print0(f"bench: {e}\nbench: so the perceptual loss runs on random VGG-19 weights (same cost)")
+            perceptual = PerceptualLoss(random_weights=True).to(device)
+    train_step = make_train_step(model, opt, args, device, world, perceptual)
     R, b = cfg.image_size, args.batch
-    k = torch.tensor([R * 1.0, R * 1.0, R / 2, R / 2], device=device)
-    ctx, tgt = torch.rand(b, 2, 3, R, R, device=device), torch.rand(b, 6, 3, R, R, device=device)
+    k = torch.tensor([R * 1.0, R * 1.0, R / 2, R / 2])
+    batch = (torch.rand(b, 2, 3, R, R), k.expand(b, 2, 4), torch.rand(b, 6, 3, R, R), k.expand(b, 6, 4))
+    batch = [x.to(device) for x in batch]
 
-    def one_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            render, _ = run(ctx, k.expand(b, 2, 4), tgt, k.expand(b, 6, 4))
-            loss = F.mse_loss(render.float(), tgt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def timed(steps):
+        start = time.time()
+        for _ in range(steps):
+            train_step(batch, args.lr)  # .item() inside waits for the GPU
+        return (time.time() - start) / steps
 
-    for _ in range(3):  # warm-up: compilation, allocator, kernel selection
-        one_step()
+    first = timed(1)  # compilation, allocator, kernel selection
+    timed(2)
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.time()
-    for _ in range(args.bench_steps):
-        one_step()
-    if cuda:
-        torch.cuda.synchronize()
-    dt = (time.time() - start) / args.bench_steps
-    line = (f"bench: res {R}, batch {b}, compile {args.compile and cuda}, grad checkpoint {args.grad_checkpoint}, "
-            f"{device}: {dt * 1000:.1f} ms/step, {b / dt:.1f} samples/s")
+    dt = timed(args.bench_steps)
+    kernel = attention_backend(device, torch.bfloat16 if cuda else torch.float32, cfg.head_dim)
+    line = (f"bench: res {R}, batch {b} x {world} rank(s), perceptual {args.perceptual}, "
+            f"compile {args.compile and cuda}, grad checkpoint {args.grad_checkpoint}, {device}, "
+            f"attention {kernel}: "
+            f"first step {first:.1f} s, {dt * 1000:.1f} ms/step, {b * world / dt:.1f} samples/s")
     if cuda:
         achieved = 3 * model_flops(cfg) * b / dt  # backward costs twice the forward
         line += (f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB, "
@@ -1034,59 +1079,58 @@ def bench(args):
     else:
         import resource
         line += f", peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB"
-    print(line)
+    print0(line)
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
 # Command line. Paper numbers are the defaults; --tiny swaps in the classroom preset.
 
-PRESETS = {
-    224: dict(batch=16, steps=100_000, lr=4e-4, warmup=4000, out="runs/x224", dinov2="download",
-              data="data/re10k/train/full_list.txt", perceptual=0.5, save_every=4000, eval_every=4000),
-    518: dict(batch=6, steps=80_000, lr=4e-5, warmup=4000, out="runs/x518", dinov2="none",
-              data="data/re10k/train/full_list.txt", perceptual=0.5, save_every=4000, eval_every=4000),
-    # tiny: 1800 steps take 7-8 minutes on a 2-core CPU, leaving room under 10 for a slower day
-    "tiny": dict(batch=8, steps=1800, lr=1e-3, warmup=100, out="runs/tiny", dinov2="none",
-                 data="data/synthetic/train/full_list.txt", perceptual=0.0, save_every=200, eval_every=200),
-}
-
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Train UP-LVSM (see the docstring of l3d.py for commands).")
-    ap.add_argument("--res", type=int, default=224, choices=[224, 518], help="the paper config: 224 pre-training or 518 fine-tuning")
-    ap.add_argument("--tiny", action="store_true", help="tiny model on 32x32 crops of generated rooms: trains on a CPU in under 10 minutes")
-    ap.add_argument("--data", help="full_list.txt of a processed training split (default: per preset)")
-    ap.add_argument("--out", help="run directory: checkpoints, held-out grids; rerunning resumes from it")
-    ap.add_argument("--steps", type=int, help="optimizer steps (224: 100k, 518: 80k)")
-    ap.add_argument("--batch", type=int, help="samples per GPU/process (224: 16, 518: 6)")
-    ap.add_argument("--lr", type=float, help="peak learning rate (224: 4e-4, 518: 4e-5)")
-    ap.add_argument("--warmup", type=int, help="linear warm-up steps (4000)")
-    ap.add_argument("--init", help="start from these weights only (an l3d or release checkpoint); optimizer and schedule fresh")
-    ap.add_argument("--dinov2", help="tokenizer init: 'download' (DINOv2 ViT-B/14 reg4 into the cache), a local .pth, or 'none'")
-    ap.add_argument("--perceptual", type=float, help="weight of the VGG-19 perceptual loss (0.5; 0 turns it off)")
-    ap.add_argument("--vgg", help="local imagenet-vgg-verydeep-19.mat (default: downloaded once into the cache)")
-    ap.add_argument("--save_every", type=int, help="checkpoint every this many steps (4000)")
+    ap.add_argument("--res", type=int, default=224, choices=[224, 518],
+                    help="the paper's preset: 224 pre-training or 518 fine-tuning")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the classroom preset: a tiny model on 32x32 crops of generated rooms, on a CPU")
+    ap.add_argument("--data", help="full_list.txt of a processed training split")
+    ap.add_argument("--out", help="run folder: checkpoints and held-out grids; rerunning resumes from it")
+    ap.add_argument("--steps", type=int, help="training steps")
+    ap.add_argument("--batch", type=int, help="samples per process (per GPU)")
+    ap.add_argument("--lr", type=float, help="peak learning rate")
+    ap.add_argument("--warmup", type=int, help="linear warm-up steps")
+    ap.add_argument("--init", help="start from these weights only (an l3d or release checkpoint); "
+                    "optimizer and schedule start fresh")
+    ap.add_argument("--dinov2", help="tokenizer init: 'download' (DINOv2 ViT-B/14 reg4, once, into the "
+                    "cache), a local .pth, or 'none'")
+    ap.add_argument("--perceptual", type=float, help="weight of the VGG-19 perceptual loss (0 turns it off)")
+    ap.add_argument("--vgg", help="local imagenet-vgg-verydeep-19.mat (default: downloaded into the cache)")
+    ap.add_argument("--save-every", type=int, help="checkpoint every this many steps")
     ap.add_argument("--keep", type=int, default=3, help="checkpoints kept in --out")
-    ap.add_argument("--eval_every", type=int, help="held-out PSNR and render grid every this many steps (4000)")
-    ap.add_argument("--eval_data", help="full_list.txt of held-out scenes (default: test/ beside --data)")
-    ap.add_argument("--eval_index", help="evaluation index of held-out views (default: evaluation_index.json in that test/)")
-    ap.add_argument("--eval_scenes", type=int, default=32, help="held-out scenes scored during training")
-    ap.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm; updates are skipped above 4x this")
-    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 1,
+    ap.add_argument("--eval-every", type=int, help="held-out PSNR and render grid every this many steps")
+    ap.add_argument("--eval-data", help="full_list.txt of held-out scenes (default: test/ beside --data)")
+    ap.add_argument("--eval-index", help="evaluation index of the held-out views "
+                    "(default: evaluation_index.json beside --eval-data)")
+    ap.add_argument("--eval-scenes", type=int, default=32, help="held-out scenes scored during training")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clip; updates skipped above 4x")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count()) if torch.cuda.is_available() else 1,
                     help="DataLoader worker processes per rank")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--grad_checkpoint", action="store_true", help="recompute each block in backward: less memory, ~30%% slower")
-    ap.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile the model (CUDA only)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], help="default: the GPU when there is one")
+    ap.add_argument("--grad-checkpoint", action="store_true",
+                    help="recompute each block in backward: less memory, ~30%% slower")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="do not torch.compile the model (compiled only on CUDA)")
     ap.add_argument("--bench", action="store_true", help="time training steps on random inputs and exit")
-    ap.add_argument("--bench_steps", type=int, default=10)
-    ap.add_argument("--peak_tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM: 989)")
+    ap.add_argument("--bench-steps", type=int, default=10, help="timed steps, after 3 untimed ones")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak for MFU (H100 SXM: 989)")
     args = ap.parse_args(argv)
     for key, value in PRESETS["tiny" if args.tiny else args.res].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    test_dir = Path(args.data).parent.parent / "test"
-    args.eval_data = args.eval_data or str(test_dir / "full_list.txt")
-    args.eval_index = args.eval_index or str(test_dir / "evaluation_index.json")
+    args.eval_data = args.eval_data or str(Path(args.data).parent.parent / "test" / "full_list.txt")
+    args.eval_index = args.eval_index or str(Path(args.eval_data).parent / "evaluation_index.json")
     return args
 
 

@@ -18,9 +18,7 @@ from PIL import Image
 
 import eval as ev
 import l3d
-from test_l3d import write_scenes
-
-REPO = Path(__file__).resolve().parent
+from conftest import REPO, tiny_model, torchrun, write_scenes
 
 # --- metrics --------------------------------------------------------------------------------------
 
@@ -31,11 +29,11 @@ def test_psnr_against_float64():
     gt = torch.rand(4, 3, 20, 17, generator=g)
     p, t = np.clip(pred.numpy().astype(np.float64), 0, 1), gt.numpy().astype(np.float64)
     expected = [-10 * math.log10(((p[i] - t[i]) ** 2).mean()) for i in range(4)]
-    got = ev.psnr(pred, gt)
+    got = l3d.psnr(pred, gt)
     assert got.dtype == torch.float64 and got.shape == (4,)
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-10)
     # a constant error of 0.1 everywhere is an MSE of 0.01: 20 dB
-    assert ev.psnr(torch.full((1, 3, 8, 8), 0.1, dtype=torch.float64), torch.zeros(1, 3, 8, 8)).item() == pytest.approx(20.0, abs=1e-12)
+    assert l3d.psnr(torch.full((1, 3, 8, 8), 0.1), torch.zeros(1, 3, 8, 8)).item() == pytest.approx(20.0, abs=1e-6)
 
 
 def ssim_like_scikit_image(x, y):
@@ -95,8 +93,9 @@ def test_lpips_download_failure_says_what_to_do(monkeypatch):
 
 
 def test_malformed_index_is_named(tmp_path):
-    for name, text, why in [("list.json", "[1, 2]", "got a list"), ("half.json", '{"a": {"context": [0, 5]}}', "bad entries: \\['a'\\]"),
-                            ("cut.json", '{"a": {"context"', "unreadable evaluation index")]:
+    # the file, and what is wrong with it: its type, the entry at fault, or that it does not parse
+    for name, text, why in [("list.json", "[1, 2]", "list"), ("half.json", '{"a": {"context": [0, 5]}}', "'a'"),
+                            ("cut.json", '{"a": {"context"', "unreadable")]:
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=f"{name}: .*{why}"):
             l3d.read_index(tmp_path / name)
@@ -162,14 +161,12 @@ def tiny_run(tmp_path_factory):
     """A tiny checkpoint, the generated scenes, and one single-process run over them that the tests below read."""
     root = tmp_path_factory.mktemp("eval")
     data, index = write_dataset(root / "test")
-    torch.manual_seed(0)
-    model = l3d.UPLVSM(l3d.Config.tiny())
-    with torch.no_grad():  # off its init, so that renders differ from scene to scene
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = tiny_model()  # off its init, so that renders differ from scene to scene
     ckpt = root / "tiny.pt"
     torch.save({"model": model.state_dict(), "config": asdict(model.config)}, ckpt)
-    args = ["--ckpt", str(ckpt), "--data", str(data), "--index", str(index), "--no-lpips", "--batch", "2"]
+    # on the CPU wherever the tests run: the numbers below are compared with float32 CPU maths
+    args = ["--ckpt", str(ckpt), "--data", str(data), "--index", str(index), "--no-lpips", "--batch", "2",
+            "--device", "cpu"]
     summary = ev.main(args + ["--out", str(root / "one"), "--save-images", "--video", "3"])
     return {"args": args, "model": model.eval(), "data": data, "out": root / "one", "summary": summary}
 
@@ -248,9 +245,7 @@ def same_rows(a, b):
 
 
 def test_two_processes_give_the_files_of_one(tiny_run, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "eval.py"),
-           *tiny_run["args"], "--out", str(tmp_path / "two")]
+    cmd, env = torchrun(2, REPO / "eval.py", *tiny_run["args"], "--out", tmp_path / "two")
     subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=240, cwd=tmp_path)
     for name in ("images.csv", "metrics.csv"):
         two, one = ((d / name).read_text().splitlines() for d in (tmp_path / "two", tiny_run["out"]))
