@@ -261,13 +261,16 @@ def test_bad_checkpoints_name_the_file_and_the_tensor(tmp_path):
     cfg = l3d.Config.tiny()
     sd = release_state_dict(tiny_model())
     cases = {"missing.pt": {k: v for k, v in sd.items() if k != "transformer_decoder.1.attn.fc.weight"},
-             "misshapen.pt": sd | {"estimator.quaR_head.fc2.weight": torch.zeros(5, 64)}}
+             "misshapen.pt": sd | {"estimator.quaR_head.fc2.weight": torch.zeros(5, 64)},
+             "deeper.pt": sd | {"transformer_decoder.3.attn.fc.weight": torch.zeros(128, 128)}}
     for name, bad in cases.items():
         torch.save({"model": bad}, tmp_path / name)
     with pytest.raises(ValueError, match=r"missing\.pt.*decoder\.1\.attn\.proj\.weight"):
         l3d.load_model(tmp_path / "missing.pt", config=cfg)
     with pytest.raises(ValueError, match=r"misshapen\.pt(.|\n)*rotation_head\.fc2\.weight(.|\n)*\[5, 64\]"):
         l3d.load_model(tmp_path / "misshapen.pt", config=cfg)
+    with pytest.raises(ValueError, match=r"deeper\.pt.*decoder\.3\.attn\.proj\.weight"):  # not dropped silently
+        l3d.load_model(tmp_path / "deeper.pt", config=cfg)
     with pytest.raises(ValueError, match=r"tiny\.pt.*does not fit"):  # a tiny file read as the paper's model
         torch.save({"model": sd}, tmp_path / "tiny.pt")
         l3d.load_model(tmp_path / "tiny.pt", res=224)
