@@ -17,7 +17,7 @@ finished scenes are skipped.
 Generated rooms for training on a laptop CPU (about 2 minutes on 2 cores), with
 test/evaluation_index.json in the official index's format:
     python prepare.py synthetic
-    python prepare.py synthetic --out data/synthetic --size 112x64 --train-scenes 400 --test-scenes 40 --seed 0
+    python prepare.py synthetic --out data/synthetic --size 56x32 --train-scenes 400 --test-scenes 40 --seed 0
 """
 
 import argparse
@@ -409,7 +409,7 @@ def evaluation_index(rng, names, n):
     return index
 
 
-def make_synthetic(out="data/synthetic", size=(112, 64), frames=60, train_scenes=400, test_scenes=40, seed=0,
+def make_synthetic(out="data/synthetic", size=(56, 32), frames=60, train_scenes=400, test_scenes=40, seed=0,
                    workers=None):
     """Generate OUT/train and OUT/test (and OUT/test/evaluation_index.json), resuming a stopped run."""
     out, (w, h) = Path(out), size
@@ -465,7 +465,7 @@ def main():
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p = commands.add_parser("synthetic", help="generate rooms for CPU training")
     p.add_argument("--out", default="data/synthetic")
-    p.add_argument("--size", type=parse_size, default=(112, 64), help="WIDTHxHEIGHT of the frames")
+    p.add_argument("--size", type=parse_size, default=(56, 32), help="WIDTHxHEIGHT of the frames")
     p.add_argument("--frames", type=int, default=60, help="frames per scene (27 or more)")
     p.add_argument("--train-scenes", type=int, default=400)
     p.add_argument("--test-scenes", type=int, default=40)

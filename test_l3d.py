@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -471,6 +472,18 @@ def test_view_selection_obeys_the_gap_rules():
             assert 25 <= gap <= min(192, n - 1) and 0 <= s and e < n
             assert len(between) == 6 and len(set(between)) == 6 and all(s < f < e for f in between)
     assert min(seen_gaps) == 25 and max(seen_gaps) == 192
+
+
+def test_kept_frames_give_the_same_samples_and_are_read_once(tmp_path):
+    data = write_scenes(tmp_path / "train", {"s0": 30, "s1": 30})
+    plain, kept = l3d.SceneDataset(data, 32, 8), l3d.SceneDataset(data, 32, 8, keep_frames=True)
+    items = [(i, seed) for i in (0, 1) for seed in (3, 4)]
+    first = [kept[item] for item in items]
+    for item, sample in zip(items, first):
+        assert all(torch.equal(a, b) for a, b in zip(plain[item], sample))
+    shutil.rmtree(tmp_path / "train")  # in memory now: neither frames nor metadata are read again
+    for item, sample in zip(items, first):
+        assert all(torch.equal(a, b) for a, b in zip(kept[item], sample))
 
 
 def test_preprocessing_moves_intrinsics_with_the_crop(tmp_path):
