@@ -1034,9 +1034,10 @@ def train(args):
     minutes, seconds = divmod(round(time.time() - started), 60)
     print0(f"done: step {step} of {args.steps} in {minutes} min {seconds} s of wall-clock time")
     if scores:  # what a teacher needs to see: did it learn more than copying a photo would give?
+        gain = scores["psnr"] - scores["best_context_copy"]
         print0(f"held-out PSNR {scores['psnr']:.2f} dB; baselines: mean of the two context views "
-               f"{scores['mean_of_context']:.2f} dB, better context view copied {scores['best_context_copy']:.2f} dB "
-               f"({scores['psnr'] - scores['best_context_copy']:+.2f} dB)")
+               f"{scores['mean_of_context']:.2f} dB, better context view copied "
+               f"{scores['best_context_copy']:.2f} dB ({gain:+.2f} dB)")
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -1146,7 +1147,7 @@ def parse_args(argv=None):
                     "(default: evaluation_index.json beside --eval-data)")
     ap.add_argument("--eval-scenes", type=int, default=32, help="held-out scenes scored during training")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clip; updates skipped above 4x")
-    ap.add_argument("--workers", type=int, help="DataLoader worker processes per rank (0: in the main process)")
+    ap.add_argument("--workers", type=int, help="DataLoader worker processes per rank (0: the main process)")
     ap.add_argument("--keep-frames", action=argparse.BooleanOptionalAction,
                     help="keep decoded frames in memory (datasets that fit; with --workers 0)")
     ap.add_argument("--seed", type=int, default=0)
