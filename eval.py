@@ -12,6 +12,12 @@ One process (the GPU if there is one, else the CPU):
 8 GPUs (scenes split across processes; the files come out the same as with one):
     torchrun --nproc_per_node 8 eval.py --ckpt uplvsm_x518.pt --res 518 \
         --data data/re10k/test/full_list.txt --index evaluation_index_re10k.json --out runs/eval_x518
+The released weights by name (downloaded once into the cache; they know their image size):
+    python eval.py --ckpt x224 --data data/re10k/test/full_list.txt --index evaluation_index_re10k.json \
+        --out runs/eval_x224
+Two photos of your own: a fly-through from the first camera to the second (animated WebP, contact
+sheet, cameras.json in --out):
+    python eval.py --photos kitchen_1.jpg kitchen_2.jpg --ckpt x224 --out runs/kitchen
 l3d checkpoints record their image size, so --res can be left out:
     python eval.py --ckpt runs/tiny/ckpt_0001800.pt --data data/synthetic/test/full_list.txt \
         --index data/synthetic/test/evaluation_index.json --out runs/tiny/eval --no-lpips
@@ -41,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import features
+from PIL import ExifTags, Image, ImageOps, features
 from tqdm import tqdm
 
 import l3d
@@ -226,12 +232,101 @@ def save_images(folder, scene, render):
     l3d.to_pil(torch.cat(pairs, 1)).save(folder / "targets.png")
 
 
-def save_video(folder, frames):
-    """frames [n, 3, R, R] in [0, 1] -> an animated WebP at 30 frames per second (a GIF if Pillow lacks WebP)."""
+def save_video(folder, frames, name="video"):
+    """frames [n, 3, R, R] in [0, 1] -> folder/name.webp, animated at 30 frames per second (a GIF if
+    Pillow lacks WebP), written through a temporary file -> its path."""
     folder.mkdir(parents=True, exist_ok=True)
     images = [l3d.to_pil(f) for f in frames]
-    path = folder / ("video.webp" if features.check("webp") else "video.gif")
-    images[0].save(path, save_all=True, append_images=images[1:], duration=33, loop=0)
+    path = folder / (name + (".webp" if features.check("webp") else ".gif"))
+    tmp = path.with_name(path.name + ".tmp")
+    images[0].save(tmp, format=path.suffix[1:].upper(), save_all=True, append_images=images[1:], duration=33, loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Your own photos: two pictures of one scene in, a fly-through from the first camera to the second out
+
+PHOTO_FOV = 65.0  # degrees across the longer side when EXIF says nothing: a phone's main camera
+
+
+def read_photo(path, fov=PHOTO_FOV):
+    """A photo (JPEG or PNG, any size) -> (upright RGB image, fxfycxcy [4] in its pixels, where the
+    focal length came from). EXIF orientation is applied. The focal length is EXIF's 35 mm equivalent
+    when the camera recorded one, else the one that spans `fov` degrees across the longer side."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image")
+    try:
+        with Image.open(path) as img:
+            exif = img.getexif()
+            img = ImageOps.exif_transpose(img).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow's UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: not an image Pillow can read ({e})") from None
+    w, h = img.size
+    f35 = exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.FocalLengthIn35mmFilm)
+    if f35:  # the 35 mm equivalent keeps the diagonal view of a 36 x 24 mm frame
+        f, source = float(f35) * math.hypot(w, h) / math.hypot(36, 24), f"EXIF: {f35} mm equivalent"
+    else:
+        f, source = max(w, h) / 2 / math.tan(math.radians(fov) / 2), f"--fov {fov:g} (no focal length in EXIF)"
+    return img, [f, f, w / 2, h / 2], source
+
+
+@torch.no_grad()
+def fly_through(model, images, fxfycxcy, n_frames, beyond=0.2, chunk=8):
+    """Photos A and B (images [2, 3, R, R], fxfycxcy [2, 4]) -> (frames [n, 3, R, R], poses [n, 7],
+    fxfycxcy [n, 4], the frame at B's camera). A's camera is the world frame; the model estimates B's
+    in it. The path goes from A to B and a fraction `beyond` further: translation and intrinsics
+    linearly, rotation by slerp."""
+    device = images.device
+    latents = model.encode(images[None], fxfycxcy[None])  # [1, L, d]
+    pose_b = model.estimate_pose(latents, images[None, 1:])[0, 0].float()  # [7]
+    at_b = round((n_frames - 1) / (1 + beyond))
+    t = torch.arange(n_frames, device=device) / at_b  # [n]: 0 at A, 1 at B
+    identity = torch.tensor([0.0, 0.0, 0.0, 1.0], device=device)
+    rotation = slerp(identity.expand(n_frames, 4), pose_b[3:].expand(n_frames, 4), t)
+    poses = torch.cat([t[:, None] * pose_b[:3], rotation], -1)  # [n, 7]
+    path_fxfycxcy = fxfycxcy[0] + t[:, None] * (fxfycxcy[1] - fxfycxcy[0])  # [n, 4]
+    frames = [model.decode(latents, l3d.pose_to_c2w(poses[None, j:j + chunk]), path_fxfycxcy[None, j:j + chunk])[0]
+              for j in tqdm(range(0, n_frames, chunk), desc="rendering", unit="chunk")]
+    return torch.cat(frames).float(), poses, path_fxfycxcy, at_b
+
+
+def contact_sheet(photos, frames, columns=8):
+    """The two photos as the model sees them, then every frame of the path, `columns` to a row."""
+    images = list(photos) + [torch.ones_like(photos[0])] * (columns - 2) + list(frames)
+    images += [torch.ones_like(photos[0])] * (-len(images) % columns)
+    rows = [torch.cat(images[i:i + columns], 2) for i in range(0, len(images), columns)]
+    return l3d.to_pil(torch.cat(rows, 1))
+
+
+def render_photos(args, photos, model, device):
+    """eval.py --photos A B: the fly-through as an animated WebP (GIF without WebP), a contact sheet and
+    the cameras in json, all written at the end, so that a failure leaves nothing half-written."""
+    cfg = model.config
+    views = []
+    for path, (img, fxfycxcy, source) in zip(args.photos, photos):
+        if min(img.size) < cfg.image_size:
+            raise ValueError(f"{path}: {img.size[0]}x{img.size[1]} is smaller than the model's "
+                             f"{cfg.image_size}x{cfg.image_size} input")
+        print(f"{path}: {img.size[0]}x{img.size[1]}, focal length {fxfycxcy[0]:.1f} px from {source}")
+        views.append((*l3d.crop_view(img, fxfycxcy, cfg.image_size, cfg.patch_size), source))
+    images = torch.stack([v[0] for v in views]).to(device)
+    fxfycxcy = torch.stack([v[1] for v in views]).to(device)
+    frames, poses, path_fxfycxcy, at_b = fly_through(model, images, fxfycxcy, args.frames)
+    cameras = {"photos": [str(p) for p in args.photos], "focal_length_from": [v[2] for v in views],
+               "image_size": cfg.image_size, "frame_at_b": at_b,
+               "frames": [{"c2w": l3d.pose_to_c2w(p).tolist(), "fxfycxcy": k.tolist()}
+                          for p, k in zip(poses.cpu(), path_fxfycxcy.cpu())]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    video = save_video(out, frames.cpu(), "flythrough")
+    sheet = out / "contact_sheet.png"
+    contact_sheet(images.cpu(), frames.cpu()).save(sheet.with_name(sheet.name + ".tmp"), format="PNG")
+    os.replace(sheet.with_name(sheet.name + ".tmp"), sheet)
+    l3d.write_atomic(out / "cameras.json", json.dumps(cameras, indent=1) + "\n")
+    print(f"{len(frames)} frames, B's camera at frame {at_b}: {video}, {sheet}, {out / 'cameras.json'}")
+    return cameras
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +378,7 @@ def merge_parts(out):
 
 def check_run(out, ckpt, res):
     """Refuse to mix the scores of two checkpoints or image sizes in one --out, since a rerun resumes what is there."""
-    record = {"ckpt": str(Path(ckpt).resolve()), "res": res}
+    record = {"ckpt": ckpt if ckpt in l3d.RELEASED else str(Path(ckpt).resolve()), "res": res}
     path = out / "run.json"
     if path.exists() and json.loads(path.read_text()) != record:
         raise SystemExit(f"eval.py: {path} says this folder holds scores of {json.loads(path.read_text())}, "
@@ -312,13 +407,30 @@ def barrier():
         dist.barrier()
 
 
+def rank0_first(rank, make):
+    """make() on rank 0, then on the other ranks: a download into the shared cache happens once."""
+    if rank == 0:
+        made = make()
+    barrier()
+    if rank != 0:
+        made = make()
+    return made
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Score an UP-LVSM checkpoint with the paper's protocol (see the docstring of eval.py).")
-    ap.add_argument("--ckpt", required=True, help="a released checkpoint (uplvsm_x224.pt, uplvsm_x518.pt) or an l3d one")
-    ap.add_argument("--res", type=int, help="image size: required for released checkpoints (224 or 518); l3d's record theirs")
-    ap.add_argument("--data", required=True, help="full_list.txt of a processed test split")
-    ap.add_argument("--index", required=True, help="evaluation index json (the paper's: evaluation_index_re10k.json)")
+    ap.add_argument("--ckpt", required=True, help="x224 or x518 (the released weights, downloaded once), "
+                    "a released checkpoint file, or an l3d one")
+    ap.add_argument("--res", type=int, help="image size: required for released checkpoint files (224 or 518); "
+                    "names and l3d's files know theirs")
+    ap.add_argument("--data", help="full_list.txt of a processed test split")
+    ap.add_argument("--index", help="evaluation index json (the paper's: evaluation_index_re10k.json)")
     ap.add_argument("--out", required=True, help="result folder; a rerun skips the scenes already scored there")
+    ap.add_argument("--photos", nargs="+", metavar="IMAGE", help="two photos of one scene, A B: render a "
+                    "fly-through from A's camera to B's into --out, instead of scoring --data")
+    ap.add_argument("--frames", type=int, default=60, help="with --photos: frames of the fly-through")
+    ap.add_argument("--fov", type=float, default=PHOTO_FOV, help="with --photos: degrees across the longer side "
+                    "of a photo whose EXIF has no 35 mm equivalent focal length")
     ap.add_argument("--batch", type=int, default=8, help="scenes per forward pass")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype of the model (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--no-lpips", dest="lpips", action="store_false", help="skip LPIPS (no VGG-16 download)")
@@ -327,7 +439,14 @@ def parse_args(argv=None):
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: the GPU when there is one")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0,
                     help="DataLoader processes loading images, per GPU")
-    return ap.parse_args(argv)
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="do not torch.compile the transformer blocks (compiled only on CUDA)")
+    args = ap.parse_args(argv)
+    if args.photos and len(args.photos) != 2:
+        ap.error(f"--photos takes two images of one scene, A and B; got {len(args.photos)}: {' '.join(args.photos)}")
+    if not args.photos and not (args.data and args.index):
+        ap.error("--data and --index are required to score a test split (or --photos A B for your own photos)")
+    return args
 
 
 def main(argv=None):
@@ -335,7 +454,13 @@ def main(argv=None):
     rank, world, device = l3d.setup(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    model = l3d.load_model(args.ckpt, args.res).to(device)
+    photos = [read_photo(path, args.fov) for path in args.photos or []]  # bad photos fail before a download
+    model = rank0_first(rank, lambda: l3d.load_model(args.ckpt, args.res)).to(device)
+    if args.compile and device.type == "cuda":
+        l3d.compile_blocks(model)
+    if photos:
+        with autocast:
+            return render_photos(args, photos, model, device)
     cfg = model.config
     out = Path(args.out)
     if rank == 0:  # only rank 0 touches the shared files, and only while the others wait
@@ -346,13 +471,7 @@ def main(argv=None):
     views, counts = l3d.index_views(args.data, args.index)
     done = read_images_csv(out / "images.csv")
     mine = [v for v in views if v[0] not in done][rank::world]  # every scene on exactly one rank: no padding, no drops
-    lpips_net = None
-    if args.lpips:  # rank 0 first, so that a download into the shared cache happens once
-        if rank == 0:
-            lpips_net = load_lpips(device)
-        barrier()
-        if rank != 0:
-            lpips_net = load_lpips(device)
+    lpips_net = rank0_first(rank, lambda: load_lpips(device)) if args.lpips else None
     loader = torch.utils.data.DataLoader(IndexedScenes(mine, cfg.image_size, cfg.patch_size), batch_size=None,
                                          num_workers=args.workers)
     skipped = {"out_of_range": 0, "unreadable": 0}
@@ -390,4 +509,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file and the problem
+        raise SystemExit(f"eval.py: {e}") from None

@@ -237,6 +237,16 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+def compile_blocks(model):
+    """torch.compile every transformer block in place, and nothing else: regional compilation, where
+    one block's graph is compiled once and reused by all the blocks like it (compiling the whole
+    model takes minutes). The names in the state dict stay as they are."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
+    return model
+
+
 # -----------------------------------------------------------------------------
 # Image tokenizer: DINOv2 ViT-B/14 with 4 registers, plus QK-norm
 
@@ -408,6 +418,8 @@ class UPLVSM(nn.Module):
 
 CACHE_DIR = Path(os.environ.get("L3D_CACHE", Path.home() / ".cache" / "l3d"))
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14_reg4_pretrain.pth"
+RELEASE_URL = "https://huggingface.co/littlekoyo/Less3Depend/resolve/main"  # L3D_WEIGHTS_URL replaces it
+RELEASED = {"x224": ("uplvsm_x224.pt", 224), "x518": ("uplvsm_x518.pt", 518)}  # name: file, image size
 
 # The release's parameter names -> ours. The first prefix that matches is replaced, then every
 # layer rename applies (only the release's LVSM blocks use those names). That is the whole map.
@@ -462,7 +474,8 @@ def load_weights(module, sd, source, new=()):
 def read_checkpoint(path):
     """A checkpoint file -> its dict. weights_only: a file from the internet must not run code as it loads."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise FileNotFoundError(f"{path}: no such checkpoint file, nor the name of released weights "
+                                f"({', '.join(RELEASED)})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -475,12 +488,17 @@ def read_checkpoint(path):
 
 
 def load_model(ckpt, res=None, config=None):
-    """A checkpoint (path or loaded dict) -> UPLVSM on the CPU, in eval mode.
+    """A checkpoint -> UPLVSM on the CPU, in eval mode. ckpt: "x224" or "x518", the authors' released
+    weights (downloaded once into the cache), or a path, or a loaded checkpoint dict.
 
     l3d checkpoints record their Config; res, if given, overrides the image size (the tokenizer
     resizes its position embeddings). The released files are Config.paper(res) and do not record
-    res: pass 224 or 518. config replaces Config.paper(res) for release-named files of other sizes.
+    res: by name it is known, by path pass 224 or 518. config replaces Config.paper(res) for
+    release-named files of other sizes.
     """
+    if isinstance(ckpt, str) and ckpt in RELEASED:
+        name, res = RELEASED[ckpt][0], res or RELEASED[ckpt][1]
+        ckpt = download(os.environ.get("L3D_WEIGHTS_URL", RELEASE_URL).rstrip("/") + "/" + name)
     source = str(ckpt) if isinstance(ckpt, (str, Path)) else "checkpoint dict"
     ckpt = read_checkpoint(ckpt) if isinstance(ckpt, (str, Path)) else ckpt
     if "config" in ckpt:
@@ -638,25 +656,29 @@ def read_scene(meta_path):
     return {"scene_name": str(name), "frames": frames}
 
 
-def load_view(path, fxfycxcy, res, patch):
-    """One frame -> (image [3, R, R] in [0, 1], fxfycxcy [4]) preprocessed as the release does.
-
-    Resize so the height is R and the width keeps the aspect ratio rounded to a multiple of the
-    patch (Lanczos), centre-crop R x R, and move the intrinsics with the pixels.
+def crop_view(img, fxfycxcy, res, patch):
+    """An RGB PIL image and its intrinsics -> (image [3, R, R] in [0, 1], fxfycxcy [4]), preprocessed
+    as the release does: resize so the height is R and the width keeps the aspect ratio, rounded to a
+    multiple of the patch (Lanczos), then centre-crop R x R; the intrinsics move with the pixels. A
+    portrait frame is resized by its width instead and centre-cropped in height.
     """
-    with Image.open(path) as img:
-        img = img.convert("RGB")
     w0, h0 = img.size
-    w = int(round(int(res / h0 * w0) / patch) * patch)
+    w, h = int(round(int(res / h0 * w0) / patch) * patch), res
     if w < res:
-        raise ValueError(f"{path}: {w0}x{h0} is taller than wide; l3d crops landscape frames to squares")
-    left = (w - res) // 2
-    img = img.resize((w, res), Image.LANCZOS).crop((left, 0, left + res, res))
+        w, h = res, int(round(int(res / w0 * h0) / patch) * patch)
+    left, top = (w - res) // 2, (h - res) // 2
+    img = img.resize((w, h), Image.LANCZOS).crop((left, top, left + res, top + res))
     image = torch.from_numpy(np.asarray(img).copy()).float() / 255.0
     image = image.permute(2, 0, 1)  # [h, w, 3] -> [3, h, w]
     fx, fy, cx, cy = (float(x) for x in fxfycxcy)
-    sx, sy = w / w0, res / h0
-    return image, torch.tensor([fx * sx, fy * sy, cx * sx - left, cy * sy])
+    sx, sy = w / w0, h / h0
+    return image, torch.tensor([fx * sx, fy * sy, cx * sx - left, cy * sy - top])
+
+
+def load_view(path, fxfycxcy, res, patch):
+    """One frame on disk -> (image [3, R, R] in [0, 1], fxfycxcy [4]), preprocessed by crop_view."""
+    with Image.open(path) as img:
+        return crop_view(img.convert("RGB"), fxfycxcy, res, patch)
 
 
 def load_views(frames, indices, res, patch):

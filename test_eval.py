@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 import eval as ev
 import l3d
@@ -268,3 +268,115 @@ def test_lpips_column_with_a_random_backbone(tiny_run, tmp_path, monkeypatch):
     lp = [float(r[4]) for r in images]
     assert len(lp) == 3 and all(x > 0 for x in lp)
     assert summary["lpips"] == pytest.approx(np.mean(lp), abs=1e-9)
+
+
+# --- your own photos -------------------------------------------------------------------------------
+
+
+def write_photo(path, w, h, seed=0, orientation=None, f35=None):
+    """A smooth random photo with the EXIF tags given -> its pixels as stored, [h, w, 3]."""
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    exif = Image.Exif()
+    if orientation:
+        exif[ExifTags.Base.Orientation] = orientation
+    if f35:
+        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.FocalLengthIn35mmFilm] = f35
+    image.save(path, exif=exif)
+    return np.asarray(image).astype(float)
+
+
+def test_photo_exif_orientation_and_focal_length(tmp_path):
+    # stored 80 x 50, orientation 6: the camera was held turned, so the photo is 50 wide and 80 tall,
+    # the stored pixels turned 90 degrees clockwise
+    stored = write_photo(tmp_path / "turned.jpg", 80, 50, orientation=6, f35=26)
+    img, fxfycxcy, source = ev.read_photo(tmp_path / "turned.jpg")
+    upright = np.asarray(img).astype(float)
+    assert upright.shape == (80, 50, 3)
+    assert np.abs(upright - np.rot90(stored, k=-1)).mean() < 3  # JPEG's loss only
+    assert np.abs(upright - np.rot90(stored, k=1)).mean() > 10  # and not the other way round
+    f = 26 * math.hypot(50, 80) / math.hypot(36, 24)  # 35 mm equivalent: the diagonal view of a 36 x 24 mm frame
+    assert fxfycxcy == pytest.approx([f, f, 25.0, 40.0]) and "EXIF" in source
+    # no focal length in EXIF: the stated field of view across the longer side
+    write_photo(tmp_path / "plain.png", 120, 90)
+    _, fxfycxcy, source = ev.read_photo(tmp_path / "plain.png", fov=90.0)
+    assert fxfycxcy == pytest.approx([60.0, 60.0, 60.0, 45.0]) and "--fov 90" in source
+
+
+def test_portrait_photo_is_cropped_in_height(tmp_path):
+    # 40 wide, 100 tall, a bright band at y in [50, 52): resized to 32 x 80 (x0.8), then rows 24..56 kept
+    img = np.zeros((100, 40, 3), np.uint8)
+    img[50:52] = 255
+    image, k = l3d.crop_view(Image.fromarray(img), [50.0, 50.0, 20.0, 50.0], res=32, patch=8)
+    assert image.shape == (3, 32, 32)
+    np.testing.assert_allclose(k.numpy(), [40.0, 40.0, 16.0, 40.0 - 24], rtol=1e-6)
+    profile = image[0].mean(1).double()
+    centre = (profile * torch.arange(32)).sum() / profile.sum()  # the row moves like a projected point
+    assert abs(centre.item() - (51 * 0.8 - 24 - 0.5)) < 0.2  # Lanczos rings a little; a crop off by one: 1
+
+
+def photo_pair(tmp_path):
+    write_photo(tmp_path / "a.png", 90, 60, seed=1)
+    write_photo(tmp_path / "b.jpg", 60, 90, seed=2, orientation=3, f35=28)
+    return [tmp_path / "a.png", tmp_path / "b.jpg"]
+
+
+def test_fly_through_starts_at_a_and_renders_b_where_the_model_puts_it(tmp_path):
+    model, cfg = tiny_model(), l3d.Config.tiny()
+    views = [l3d.crop_view(*ev.read_photo(p)[:2], cfg.image_size, cfg.patch_size) for p in photo_pair(tmp_path)]
+    images, fxfycxcy = torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
+    frames, poses, path_k, at_b = ev.fly_through(model, images, fxfycxcy, n_frames=12)
+    assert frames.shape == (12, 3, cfg.image_size, cfg.image_size) and at_b == 9
+    np.testing.assert_allclose(poses[0].numpy(), [0, 0, 0, 0, 0, 0, 1], atol=1e-7)  # A's camera: the identity
+    with torch.no_grad():
+        render, pose = model(images[None], fxfycxcy[None], images[None, 1:], fxfycxcy[None, 1:])
+    pose_b = pose[0, 0]
+    np.testing.assert_allclose(poses[at_b].numpy(), pose_b.numpy(), atol=1e-6)  # through B's estimated camera
+    np.testing.assert_allclose(path_k[at_b].numpy(), fxfycxcy[1].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(frames[at_b].numpy(), render[0, 0].numpy(), atol=1e-5)  # the model's render of B
+    # between them, the camera moves at a steady pace: along the line from A to B, then a little beyond
+    t = torch.arange(12, dtype=torch.float64) / 9
+    np.testing.assert_allclose(poses[:, :3].double().numpy(), (t[:, None] * pose_b[:3].double()).numpy(), atol=1e-6)
+    angles = [2 * math.acos(min(1.0, abs(float(q @ pose_b[3:])))) for q in poses[:, 3:]]  # from B's rotation
+    np.testing.assert_allclose(angles, (1 - t).abs() * angles[0], atol=1e-4)
+
+
+def test_photos_command_writes_video_sheet_and_cameras(tmp_path, capsys):
+    ckpt = tmp_path / "tiny.pt"
+    model = tiny_model()
+    torch.save({"model": model.state_dict(), "config": asdict(model.config)}, ckpt)
+    out = tmp_path / "out"
+    cameras = ev.main(["--photos", *map(str, photo_pair(tmp_path)), "--ckpt", str(ckpt), "--out", str(out),
+                       "--frames", "10", "--device", "cpu"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["cameras.json", "contact_sheet.png", next(out.glob("flythrough.*")).name])
+    assert Image.open(next(out.glob("flythrough.*"))).n_frames == 10
+    assert json.loads((out / "cameras.json").read_text()) == cameras
+    c2w = np.array(cameras["frames"][0]["c2w"])
+    np.testing.assert_allclose(c2w, np.eye(4), atol=1e-6)  # the path starts at A's camera
+    R = model.config.image_size
+    assert Image.open(out / "contact_sheet.png").size == (8 * R, 3 * R)  # the photos, then 10 frames, 8 a row
+    assert "EXIF: 28 mm equivalent" in capsys.readouterr().out
+
+
+def test_photos_bad_input_is_named_and_leaves_nothing(tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    model = tiny_model()
+    torch.save({"model": model.state_dict(), "config": asdict(model.config)}, ckpt)
+    a, b = photo_pair(tmp_path)
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    write_photo(tmp_path / "small.png", 40, 20)
+    out = tmp_path / "out"
+    cases = [([str(tmp_path / "nowhere.jpg"), str(b)], "nowhere.jpg: no such image"),
+             ([str(tmp_path / "notes.jpg"), str(b)], "notes.jpg: not an image"),
+             ([str(a), str(tmp_path / "small.png")], "small.png: 40x20 is smaller than the model's 32x32"),
+             ([str(a), str(b)], "x999: no such checkpoint file, nor the name of released weights")]
+    for photos, why in cases:
+        cmd = [sys.executable, str(REPO / "eval.py"), "--photos", *photos, "--out", str(out), "--device", "cpu",
+               "--ckpt", "x999" if "x999" in why else str(ckpt)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        assert run.returncode != 0 and why in run.stderr and "Traceback" not in run.stderr, run.stderr
+    for photos in ([str(a)], [str(a), str(b), str(a)]):  # one image, or three
+        run = subprocess.run([sys.executable, str(REPO / "eval.py"), "--photos", *photos, "--out", str(out),
+                              "--ckpt", str(ckpt)], capture_output=True, text=True)
+        assert run.returncode == 2 and f"--photos takes two images of one scene, A and B; got {len(photos)}" in run.stderr
+    assert not out.exists()

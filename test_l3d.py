@@ -1,5 +1,7 @@
 """Tests of l3d.py on CPU with tiny configs. Every check compares against maths written here."""
 
+import functools
+import http.server
 import json
 import math
 import os
@@ -8,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -211,7 +214,7 @@ def release_state_dict(model):
     return {to_release_name(k): v.clone() for k, v in model.state_dict().items()}
 
 
-def test_release_names_map_onto_the_paper_model_and_load_at_both_sizes(tmp_path):
+def test_release_names_map_onto_the_paper_model_and_load_by_name_over_http(tmp_path, monkeypatch):
     published = {}
     for line in RELEASE_KEYS.read_text().splitlines():
         name, shape = line.split("\t")
@@ -221,12 +224,25 @@ def test_release_names_map_onto_the_paper_model_and_load_at_both_sizes(tmp_path)
     assert {k: list(v.shape) for k, v in ours.items()} == {k: list(v.shape) for k, v in model.state_dict().items()}
     assert sum(p.numel() for p in model.parameters()) == 260_132_743
     assert sum(p.numel() for p in model.tokenizer.parameters()) == 86_584_320
-    # a release-named file of the paper's model loads, weights unchanged, at 518 as at 224
-    torch.save({"model": release_state_dict(model)}, tmp_path / "uplvsm_x224.pt")
-    loaded = l3d.load_model(tmp_path / "uplvsm_x224.pt", res=518)
+    # a release-named file of the paper's model, served over HTTP, loads by name into the cache, weights
+    # unchanged, at the name's image size
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save({"model": release_state_dict(model)}, served / "uplvsm_x518.pt")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("L3D_WEIGHTS_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(l3d, "CACHE_DIR", tmp_path / "cache")
+    try:
+        loaded = l3d.load_model("x518")
+    finally:
+        server.shutdown()
     assert loaded.config == l3d.Config.paper(518)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["uplvsm_x518.pt"]
+    assert l3d.load_model("x518").config == l3d.Config.paper(518)  # again, with the server gone: from the cache
 
 
 def test_release_checkpoint_loads_and_reproduces_outputs(tmp_path, capsys):
