@@ -331,7 +331,8 @@ def test_fly_through_starts_at_a_and_renders_b_where_the_model_puts_it(tmp_path)
     with torch.no_grad():
         render, pose = model(images[None], fxfycxcy[None], images[None, 1:], fxfycxcy[None, 1:])
     pose_b = pose[0, 0]
-    np.testing.assert_allclose(poses[at_b].numpy(), pose_b.numpy(), atol=1e-6)  # through B's estimated camera
+    c2w_at_b, c2w_b = l3d.pose_to_c2w(poses[at_b]), l3d.pose_to_c2w(pose_b)  # q and -q: the same rotation
+    np.testing.assert_allclose(c2w_at_b.numpy(), c2w_b.numpy(), atol=1e-6)  # through B's estimated camera
     np.testing.assert_allclose(path_k[at_b].numpy(), fxfycxcy[1].numpy(), rtol=1e-6)
     np.testing.assert_allclose(frames[at_b].numpy(), render[0, 0].numpy(), atol=1e-5)  # the model's render of B
     # between them, the camera moves at a steady pace: along the line from A to B, then a little beyond
