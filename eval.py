@@ -4,7 +4,10 @@ eval.py: score UP-LVSM checkpoints with the paper's protocol (PSNR, SSIM, LPIPS)
 For every scene of an evaluation index that is on disk, the two context views go in (in index
 order) and each target view is rendered from the camera the model estimates from that target
 image; the render is scored against the target. Works with the authors' released checkpoints
-and with l3d's own.
+and with l3d's own. A PT-LVSM checkpoint is given the target cameras instead, normalised over
+the scene's indexed views as the release does. Any index in the official format works, the
+release's extra ones too (extrapolation.json, overlap_small/medium/large.json; their "overlap"
+numbers are ignored).
 
 One process (the GPU if there is one, else the CPU):
     python eval.py --ckpt uplvsm_x224.pt --res 224 --data data/re10k/test/full_list.txt \
@@ -180,6 +183,8 @@ class IndexedScenes(torch.utils.data.Dataset):
                 return {**item, "skip": "out_of_range", "why": f"index asks for frames {context + target}, scene has {len(frames)}"}
             item["ctx_images"], item["ctx_fxfycxcy"] = l3d.load_views(frames, context, self.res, self.patch)
             item["tgt_images"], item["tgt_fxfycxcy"] = l3d.load_views(frames, target, self.res, self.patch)
+            c2w = l3d.load_cameras(frames, context + target)  # PT-LVSM's: normalised over the indexed views
+            item["ctx_c2w"], item["tgt_c2w"] = c2w[:len(context)], c2w[len(context):]
         except (OSError, ValueError, KeyError, TypeError) as e:
             return {**item, "skip": "unreadable", "why": str(e)}
         return item
@@ -211,10 +216,11 @@ def batches(items, size, skipped):
 def score(model, batch, device, autocast, lpips_net):
     """A batch of b loaded scenes -> renders [b, v, 3, R, R] float32 and, per scene, rows
     [frame number, psnr, ssim, lpips] for each of its v targets."""
-    ctx, ctx_k, tgt, tgt_k = (torch.stack([s[key] for s in batch]).to(device)
-                              for key in ("ctx_images", "ctx_fxfycxcy", "tgt_images", "tgt_fxfycxcy"))
+    ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w = (
+        torch.stack([s[key] for s in batch]).to(device)
+        for key in ("ctx_images", "ctx_fxfycxcy", "tgt_images", "tgt_fxfycxcy", "ctx_c2w", "tgt_c2w"))
     with autocast:
-        render, _ = model(ctx, ctx_k, tgt, tgt_k)
+        render, _ = model(ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w)
     render = render.float()
     b, v = tgt.shape[:2]
     pred, gt = render.flatten(0, 1), tgt.flatten(0, 1)  # [b, v, 3, R, R] -> [b*v, 3, R, R]
@@ -456,6 +462,9 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     photos = [read_photo(path, args.fov) for path in args.photos or []]  # bad photos fail before a download
     model = rank0_first(rank, lambda: l3d.load_model(args.ckpt, args.res)).to(device)
+    if (photos or args.video) and not isinstance(model, l3d.UPLVSM):
+        raise ValueError(f"{args.ckpt}: a {model.config.model} model renders only the cameras it is given; "
+                         f"--photos and --video need UP-LVSM, which places the cameras itself")
     if args.compile and device.type == "cuda":
         l3d.compile_blocks(model)
     if photos:

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 @dataclass
 class Config:
+    model: str = "uplvsm"  # or "ptlvsm", the release's posed-target baseline
     image_size: int = 224  # R: square images of R x R pixels
     patch_size: int = 14  # p: every tokenizer works on p x p patches
     dim: int = 768  # d: token width of every transformer
@@ -58,20 +59,23 @@ class Config:
     tok_heads: int = 12
     tok_registers: int = 4
     tok_pos_grid: int = 37  # DINOv2's position embeddings were made for 518 / 14 = 37 patches a side
+    n_blocks: int = 24  # PT-LVSM only: its one stack over context and target tokens (6 + 4 + 14 above)
 
     @staticmethod
-    def paper(res=224):
-        return Config(image_size=res)
+    def paper(res=224, model="uplvsm"):
+        return Config(model=model, image_size=res)
 
     @staticmethod
-    def tiny():
+    def tiny(model="uplvsm"):
         # Trains on a laptop CPU in minutes: 32 x 32 crops of generated rooms, 16 tokens per view, as
         # many latents. Fewer latents and pixels buy steps: at 64 x 64 with 64 latents a step costs 3x
         # more, and in a short budget the extra steps are worth more than the extra resolution. 16
         # latents cost a quarter less than 32 and scored the same (23.0 to 23.2 dB over two seeds each);
         # 2 or 4 decoder blocks scored worse than 3.
-        return Config(image_size=32, patch_size=8, dim=128, head_dim=32, n_encoder=2, n_estimator=1,
-                      n_decoder=3, n_latents=16, tok_depth=2, tok_heads=4, tok_registers=2, tok_pos_grid=4)
+        # PT-LVSM's stack is as deep as UP-LVSM's three, as in the paper's configs (24 = 6 + 4 + 14).
+        return Config(model=model, image_size=32, patch_size=8, dim=128, head_dim=32, n_encoder=2,
+                      n_estimator=1, n_decoder=3, n_latents=16, tok_depth=2, tok_heads=4, tok_registers=2,
+                      tok_pos_grid=4, n_blocks=6)
 
 
 # Training settings of each preset: the defaults of the command line, which any flag overrides.
@@ -297,10 +301,57 @@ class ImageTokenizer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# UP-LVSM
+# UP-LVSM, and PT-LVSM, the release's posed-target baseline
 
 
-class UPLVSM(nn.Module):
+class LVSM(nn.Module):
+    """What UP-LVSM and PT-LVSM share besides their modules: the release's initialisation, per-block
+    gradient checkpointing, the input check and the pixel head."""
+
+    def init_weights(self, stacks):
+        """From-scratch initialisation, as the release does it; the tokenizer gets DINOv2's own scheme."""
+        tok = self.tokenizer
+        for m in tok.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(tok.pos_embed, std=0.02)
+        nn.init.normal_(tok.cls_token, std=1e-6)
+        nn.init.normal_(tok.register_tokens, std=1e-6)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and not name.startswith("tokenizer."):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        # deeper blocks start smaller so the residual stream grows slowly
+        for stack in stacks:
+            for i, block in enumerate(stack):
+                for m in block.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * (i + 1)))
+
+    def run(self, blocks, x):
+        for block in blocks:
+            if self.grad_checkpoint and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def check_images(self, **images):
+        R = self.config.image_size
+        for name, x in images.items():
+            if x.ndim != 5 or tuple(x.shape[2:]) != (3, R, R):
+                raise ValueError(f"{name} must be [b, v, 3, {R}, {R}] for this model, got {list(x.shape)}")
+
+    def pixels(self, x, b, v):
+        """Output tokens [b*v, n, d] -> images [b, v, 3, R, R]: LayerNorm, linear, sigmoid, unpatchify."""
+        R, p = self.config.image_size, self.config.patch_size
+        rgb = torch.sigmoid(self.to_pixels(self.decoder_norm_out(x)))  # [b*v, n, p*p*3]
+        return unpatchify(rgb.reshape(b, v, x.shape[1], -1), p, R, R)  # [b*v, n, p*p*3] -> [b, v, 3, R, R]
+
+
+class UPLVSM(LVSM):
     """Two unposed context views + target images -> target renders and target poses.
 
     No pose is ever given: the first context view is the world frame, marked by the rays of an
@@ -337,38 +388,8 @@ class UPLVSM(nn.Module):
         self.decoder_norm_out = nn.LayerNorm(d, bias=False)
         self.to_pixels = nn.Linear(d, p * p * 3, bias=False)
         self.grad_checkpoint = False
-        self.init_weights()
-
-    def init_weights(self):
-        """From-scratch initialisation, as the release does it; the tokenizer gets DINOv2's own scheme."""
-        tok = self.tokenizer
-        for m in tok.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(tok.pos_embed, std=0.02)
-        nn.init.normal_(tok.cls_token, std=1e-6)
-        nn.init.normal_(tok.register_tokens, std=1e-6)
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear) and not name.startswith("tokenizer."):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        # deeper encoder and decoder blocks start smaller so the residual stream grows slowly
-        for stack in (self.encoder, self.decoder):
-            for i, block in enumerate(stack):
-                for m in block.modules():
-                    if isinstance(m, nn.Linear):
-                        nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * (i + 1)))
+        self.init_weights((self.encoder, self.decoder))
         nn.init.trunc_normal_(self.latents, std=0.02)
-
-    def run(self, blocks, x):
-        for block in blocks:
-            if self.grad_checkpoint and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
 
     def encode(self, ctx_images, ctx_fxfycxcy):
         """Context views [b, v, 3, R, R] and their intrinsics [b, v, 4] -> scene latents [b, L, d]."""
@@ -401,19 +422,67 @@ class UPLVSM(nn.Module):
         x = self.target_rays(patchify(plucker_rays(c2w, fxfycxcy, R, R), p)).flatten(0, 1)  # [b*v, n, d]
         n = x.shape[1]
         x = self.decoder_norm_in(torch.cat([x, latents.repeat_interleave(v, 0)], 1))  # [b*v, n + L, d]
-        x = self.run(self.decoder, x)[:, :n]
-        rgb = torch.sigmoid(self.to_pixels(self.decoder_norm_out(x)))  # [b*v, n, p*p*3]
-        return unpatchify(rgb.reshape(b, v, n, -1), p, R, R)  # [b*v, n, p*p*3] -> [b, v, 3, R, R]
+        return self.pixels(self.run(self.decoder, x)[:, :n], b, v)
 
-    def forward(self, ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy):
-        R = self.config.image_size
-        for name, x in (("ctx_images", ctx_images), ("tgt_images", tgt_images)):
-            if x.ndim != 5 or tuple(x.shape[2:]) != (3, R, R):
-                raise ValueError(f"{name} must be [b, v, 3, {R}, {R}] for this model, got {list(x.shape)}")
+    def forward(self, ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy, ctx_c2w=None, tgt_c2w=None):
+        """-> (renders [b, v, 3, R, R], poses [b, v, 7]). The cameras are taken, as PT-LVSM takes them,
+        and never read: UP-LVSM's only poses are the ones it estimates."""
+        self.check_images(ctx_images=ctx_images, tgt_images=tgt_images)
         latents = self.encode(ctx_images, ctx_fxfycxcy)
         pose = self.estimate_pose(latents, tgt_images)
         render = self.decode(latents, pose_to_c2w(pose.float()), tgt_fxfycxcy)
         return render, pose
+
+
+class PTLVSM(LVSM):
+    """The release's posed-target baseline: the same tokenizer and pixel head as UP-LVSM, but each
+    target is given by its known camera instead of its image, and one stack of blocks reads the
+    context and target tokens together. Cameras are in the frame of the sampled views' mean camera
+    (normalize_poses); the first context view is marked by the rays of its own camera.
+    Shapes at 224 (n = 256 patches a view, d = 768), for b scenes of 2 context and v target views:
+
+        context images [b, 2, 3, R, R] --tokenizer--> [b, 2, n, d], + view 0's rays --> [b, 2n, d]
+        target c2w [b, v, 4, 4] --with intrinsics--> Plucker rays --patchify, linear--> [b*v, n, d]
+        [context tokens 2n, target tokens n] --LayerNorm, 24 blocks, last n--> [b*v, n, d]
+            --LayerNorm, linear, sigmoid--> [b*v, n, p*p*3] --unpatchify--> render [b, v, 3, R, R]
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        d, p, hd = cfg.dim, cfg.patch_size, cfg.head_dim
+        self.tokenizer = ImageTokenizer(cfg)
+        self.canonical_rays = nn.Linear(6 * p * p, d, bias=False)
+        self.target_rays = nn.Linear(6 * p * p, d, bias=False)
+        self.norm_in = nn.LayerNorm(d, bias=False)
+        self.blocks = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_blocks))
+        self.decoder_norm_out = nn.LayerNorm(d, bias=False)
+        self.to_pixels = nn.Linear(d, p * p * 3, bias=False)
+        self.grad_checkpoint = False
+        self.init_weights((self.blocks,))
+
+    def forward(self, ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy, ctx_c2w, tgt_c2w):
+        """-> (renders [b, v, 3, R, R], None: no pose is estimated). The target images are taken, as
+        UP-LVSM takes them, and never read: the target camera stands in for them."""
+        self.check_images(ctx_images=ctx_images, tgt_images=tgt_images)
+        b, v = tgt_c2w.shape[:2]
+        R, p = self.config.image_size, self.config.patch_size
+        tokens = self.tokenizer(ctx_images)  # [b, 2, n, d]
+        n = tokens.shape[2]
+        marker = self.canonical_rays(patchify(plucker_rays(ctx_c2w[:, :1], ctx_fxfycxcy[:, :1], R, R),
+                                              p))  # [b, 1, n, d]
+        tokens = torch.cat([tokens[:, :1] + marker, tokens[:, 1:]], 1)
+        tokens = tokens.flatten(1, 2)  # [b, 2, n, d] -> [b, 2n, d]
+        x = self.target_rays(patchify(plucker_rays(tgt_c2w, tgt_fxfycxcy, R, R), p))
+        x = x.flatten(0, 1)  # [b, v, n, d] -> [b*v, n, d]
+        x = self.norm_in(torch.cat([tokens.repeat_interleave(v, 0), x], 1))  # [b*v, 2n + n, d]
+        return self.pixels(self.run(self.blocks, x)[:, -n:], b, v), None
+
+
+def make_model(cfg):
+    if cfg.model not in ("uplvsm", "ptlvsm"):
+        raise ValueError(f"unknown model {cfg.model!r}: l3d has uplvsm and ptlvsm")
+    return UPLVSM(cfg) if cfg.model == "uplvsm" else PTLVSM(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -440,6 +509,8 @@ RELEASE_PREFIXES = [
     ("transformer_decoder.", "decoder."),
     ("image_token_decoder.0.", "decoder_norm_out."),
     ("image_token_decoder.1.", "to_pixels."),
+    ("transformer_input_layernorm.", "norm_in."),  # PT-LVSM's
+    ("transformer_blocks.", "blocks."),  # PT-LVSM's
 ]
 RELEASE_LAYERS = [(".attn.to_qkv.", ".attn.qkv."), (".attn.fc.", ".attn.proj."),
                   (".mlp.mlp.0.", ".mlp.fc1."), (".mlp.mlp.2.", ".mlp.fc2.")]
@@ -512,13 +583,14 @@ def load_model(ckpt, res=None, config=None):
         if res is None and config is None:
             raise ValueError(f"{source}: released checkpoints do not record their image size; "
                              f"pass res=224 or res=518 (eval.py: --res 224 or --res 518)")
-        cfg = replace(config, image_size=res or config.image_size) if config else Config.paper(res)
+        model = "ptlvsm" if "transformer_blocks.0.norm1.weight" in ckpt["model"] else "uplvsm"
+        cfg = replace(config, image_size=res or config.image_size) if config else Config.paper(res, model)
         sd = {k: v for k, v in ckpt["model"].items() if not k.startswith("loss_computer.")}
         if len(sd) < len(ckpt["model"]):
             print(f"{source}: ignored {len(ckpt['model']) - len(sd)} tensor(s) under loss_computer.* "
                   f"(the training loss's frozen VGG-19)")
         sd = rename(sd, RELEASE_PREFIXES, RELEASE_LAYERS)
-    model = UPLVSM(cfg)
+    model = make_model(cfg)
     load_weights(model, sd, source)
     return model.eval()
 
@@ -684,6 +756,30 @@ def load_view(path, fxfycxcy, res, patch):
         return crop_view(img.convert("RGB"), fxfycxcy, res, patch)
 
 
+def normalize_poses(c2w):
+    """The release's pose normalisation for PT-LVSM: the cameras c2w [v, 4, 4] of a sample's views ->
+    the same cameras in the frame of their mean camera, translations scaled so that the largest
+    coordinate is 1 / 1.35. The mean camera sits at the mean centre and looks along the mean forward
+    axis; its right axis is (mean down axis) x forward, its down axis forward x right."""
+    centre = c2w[:, :3, 3].mean(0)
+    forward = F.normalize(c2w[:, :3, 2].mean(0), dim=0)
+    right = F.normalize(torch.cross(c2w[:, :3, 1].mean(0), forward, dim=0), dim=0)
+    down = F.normalize(torch.cross(forward, right, dim=0), dim=0)
+    mean = torch.eye(4, dtype=c2w.dtype)
+    mean[:3, :3] = torch.stack([right, down, forward], 1)
+    mean[:3, 3] = centre
+    c2w = torch.linalg.inv(mean) @ c2w  # [v, 4, 4]
+    # the release divides by the largest coordinate as it is; cameras all in one place would give 0 / 0
+    c2w[:, :3, 3] /= 1.35 * c2w[:, :3, 3].abs().max().clamp(min=1e-8)
+    return c2w
+
+
+def load_cameras(frames, indices):
+    """Chosen frames of a scene -> their c2w [v, 4, 4], normalised together (float64 maths)."""
+    w2c = torch.tensor([frames[i]["w2c"] for i in indices], dtype=torch.float64)  # [v, 4, 4]
+    return normalize_poses(torch.linalg.inv(w2c)).float()
+
+
 def load_views(frames, indices, res, patch):
     """Frames of a scene, chosen indices -> (images [v, 3, R, R], fxfycxcy [v, 4])."""
     views = [load_view(frames[i]["image_path"], frames[i]["fxfycxcy"], res, patch) for i in indices]
@@ -703,7 +799,9 @@ def sample_views(n_frames, rng, n_views=8, min_gap=25, max_gap=192):
 
 
 class SceneDataset(torch.utils.data.Dataset):
-    """Training samples: 2 context views and n_targets targets drawn among the 8 chosen views.
+    """Training samples: 2 context views and n_targets targets drawn among the 8 chosen views, as
+    (ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy, ctx_c2w, tgt_c2w), the cameras normalised
+    over the 8 views (PT-LVSM reads them, UP-LVSM does not).
 
     Items are (scene index, sample seed) pairs from epoch_samples, so a sample depends on nothing
     but its seed: a resumed run sees exactly the batches the uninterrupted run would have.
@@ -738,7 +836,8 @@ class SceneDataset(torch.utils.data.Dataset):
                 i = rng.randrange(len(self.scenes))
                 continue
             tgt = rng.sample(range(len(views)), self.n_targets)  # targets may include the context views
-            return images[:2], fxfycxcy[:2], images[tgt], fxfycxcy[tgt]
+            c2w = load_cameras(frames, views)
+            return images[:2], fxfycxcy[:2], images[tgt], fxfycxcy[tgt], c2w[:2], c2w[tgt]
         raise RuntimeError(f"100 scenes in a row were unusable; check the dataset (last: {self.scenes[i]})")
 
     def frames(self, i):
@@ -876,12 +975,12 @@ def make_train_step(model, opt, args, device, world, perceptual=None):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def train_step(batch, lr):
-        ctx, ctx_k, tgt, tgt_k = (x.to(device, non_blocking=True) for x in batch)
+        ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w = (x.to(device, non_blocking=True) for x in batch)
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            render, _ = run(ctx, ctx_k, tgt, tgt_k)
+            render, _ = run(ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w)
             render, tgt = render.float().flatten(0, 1), tgt.flatten(0, 1)  # [b, v, 3, h, w] -> [b*v, 3, h, w]
             loss = F.mse_loss(render, tgt)
             if perceptual:
@@ -950,13 +1049,16 @@ def to_pil(image):
 
 
 def load_heldout(list_path, index_path, n_scenes, cfg):
-    """The first n_scenes scenes of an evaluation index, loaded once -> [(ctx, ctx_k, tgt, tgt_k)]."""
+    """The first n_scenes scenes of an evaluation index, loaded once -> [(ctx, ctx_k, tgt, tgt_k,
+    ctx_c2w, tgt_c2w)], the cameras normalised over each scene's indexed views."""
     scenes = []
     for _, meta, context, target in index_views(list_path, index_path)[0][:n_scenes]:
         frames = read_scene(meta)["frames"]
         if max(context + target) < len(frames):
+            c2w = load_cameras(frames, context + target)
             scenes.append((*load_views(frames, context, cfg.image_size, cfg.patch_size),
-                           *load_views(frames, target, cfg.image_size, cfg.patch_size)))
+                           *load_views(frames, target, cfg.image_size, cfg.patch_size),
+                           c2w[:len(context)], c2w[len(context):]))
     return scenes
 
 
@@ -967,9 +1069,9 @@ def heldout(model, scenes, device, out_png=None):
     model.eval()
     scores = {"psnr": [], "mean_of_context": [], "best_context_copy": []}
     rows = []
-    for ci, ck, ti, tk in scenes:
-        render = model(ci[None].to(device), ck[None].to(device), ti[None].to(device), tk[None].to(device))[0]
-        render = render[0].float().cpu()  # [v, 3, R, R]
+    for scene in scenes:
+        ci, ck, ti = scene[:3]
+        render = model(*(x[None].to(device) for x in scene))[0][0].float().cpu()  # [v, 3, R, R]
         scores["psnr"] += psnr(render, ti).tolist()
         scores["mean_of_context"] += psnr(ci.mean(0, keepdim=True).expand_as(ti), ti).tolist()
         copies = [psnr(ci[k:k + 1].expand_as(ti), ti) for k in range(2)]
@@ -987,7 +1089,8 @@ def build(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the paper trains
     torch.manual_seed(args.seed)
-    model = UPLVSM(Config.tiny() if args.tiny else Config.paper(args.res)).to(device)
+    cfg = Config.tiny(args.model) if args.tiny else Config.paper(args.res, args.model)
+    model = make_model(cfg).to(device)
     model.grad_checkpoint = args.grad_checkpoint
     return rank, world, device, model, make_optimizer(model, args.lr)
 
@@ -1002,6 +1105,9 @@ def train(args):
     out = Path(args.out)
     if last := latest_checkpoint(out):
         path, ckpt = last
+        if Config(**ckpt["config"]) != cfg:
+            raise ValueError(f"{path}: holds a run of {Config(**ckpt['config'])}, not of {cfg}; "
+                             f"pass another --out")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, updates = ckpt["step"], ckpt["updates"]
@@ -1074,10 +1180,13 @@ def model_flops(cfg, v_ctx=2, v_tgt=6):
     def blocks(depth, tokens, seqs=1):  # qkv + proj + MLP = 24 d^2 per token, attention 4 n d per token
         return seqs * depth * (24 * d * d * tokens + 4 * tokens * tokens * d)
 
-    tok = 2 * 3 * cfg.patch_size ** 2 * d * n + blocks(cfg.tok_depth, 1 + cfg.tok_registers + n)
+    tok = 2 * 3 * cfg.patch_size ** 2 * d * n + blocks(cfg.tok_depth, 1 + cfg.tok_registers + n)  # per image
+    p2 = cfg.patch_size ** 2
+    rays_and_pixels = 2 * 6 * p2 * d * n * (1 + v_tgt) + 2 * d * 3 * p2 * n * v_tgt
+    if cfg.model == "ptlvsm":  # the context images only, then per target one stack over its n and the 2n
+        return v_ctx * tok + blocks(cfg.n_blocks, (v_ctx + 1) * n, v_tgt) + rays_and_pixels
     return ((v_ctx + v_tgt) * tok + blocks(cfg.n_encoder, L + v_ctx * n)
-            + blocks(cfg.n_estimator, n + L, v_tgt) + blocks(cfg.n_decoder, n + L, v_tgt)
-            + 2 * 6 * cfg.patch_size ** 2 * d * n * (1 + v_tgt) + 2 * d * 3 * cfg.patch_size ** 2 * n * v_tgt)
+            + blocks(cfg.n_estimator, n + L, v_tgt) + blocks(cfg.n_decoder, n + L, v_tgt) + rays_and_pixels)
 
 
 def attention_backend(device, dtype, head_dim=64, tokens=256):
@@ -1110,8 +1219,9 @@ def bench(args):
             perceptual = PerceptualLoss(random_weights=True).to(device)
     train_step = make_train_step(model, opt, args, device, world, perceptual)
     R, b = cfg.image_size, args.batch
-    k = torch.tensor([R * 1.0, R * 1.0, R / 2, R / 2])
-    batch = (torch.rand(b, 2, 3, R, R), k.expand(b, 2, 4), torch.rand(b, 6, 3, R, R), k.expand(b, 6, 4))
+    k, c2w = torch.tensor([R * 1.0, R * 1.0, R / 2, R / 2]), torch.eye(4)
+    batch = (torch.rand(b, 2, 3, R, R), k.expand(b, 2, 4), torch.rand(b, 6, 3, R, R), k.expand(b, 6, 4),
+             c2w.expand(b, 2, 4, 4), c2w.expand(b, 6, 4, 4))
     batch = [x.to(device) for x in batch]
 
     def timed(steps):
@@ -1150,6 +1260,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Train UP-LVSM (see the docstring of l3d.py for commands).")
     ap.add_argument("--res", type=int, default=224, choices=[224, 518],
                     help="the paper's preset: 224 pre-training or 518 fine-tuning")
+    ap.add_argument("--model", choices=["uplvsm", "ptlvsm"], default="uplvsm",
+                    help="UP-LVSM, or PT-LVSM, the release's baseline that is given the target cameras")
     ap.add_argument("--tiny", action="store_true",
                     help="the classroom preset: a tiny model on 32x32 crops of generated rooms, on a CPU")
     ap.add_argument("--data", help="full_list.txt of a processed training split")
@@ -1185,6 +1297,8 @@ def parse_args(argv=None):
     ap.add_argument("--bench-steps", type=int, default=10, help="timed steps, after 3 untimed ones")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak for MFU (H100 SXM: 989)")
     args = ap.parse_args(argv)
+    if args.out is None and args.model != "uplvsm":
+        args.out = PRESETS["tiny" if args.tiny else args.res]["out"] + "_" + args.model
     for key, value in PRESETS["tiny" if args.tiny else args.res].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -112,10 +112,11 @@ def convert_scene(scene, split_dir, png):
 
 
 def convert_chunk(job):
-    """One .torch chunk -> report of what was written and what was skipped, and why."""
+    """One .torch chunk -> report of what was written and what was skipped, and why, and the names
+    of its scenes that are on disk now (converted by this run or before), in chunk order."""
     chunk, split_dir, png = job
     report = {"chunk": str(chunk), "scenes": 0, "frames": 0, "bytes": 0, "done_before": 0,
-              "bad_scenes": [], "error": None}
+              "bad_scenes": [], "error": None, "on_disk": []}
     try:
         scenes = torch.load(chunk, weights_only=True)
         if not isinstance(scenes, list):
@@ -130,6 +131,7 @@ def convert_chunk(job):
             continue
         if (split_dir / "metadata" / f"{name}.json").exists():
             report["done_before"] += 1
+            report["on_disk"].append(name)
             continue
         try:
             frames, written = convert_scene(scene, split_dir, png)
@@ -139,7 +141,28 @@ def convert_chunk(job):
         report["scenes"] += 1
         report["frames"] += frames
         report["bytes"] += written
+        report["on_disk"].append(name)
     return report
+
+
+# The paper's data-scaling study: the first 76, 304 and 1,216 of RealEstate10K's 4,866 training
+# chunks, in file-name order, so that each size holds the smaller ones; Full is full_list.txt.
+SCALING_SPLITS = {"little": 76, "medium": 304, "large": 1216}
+
+
+def write_scaling_lists(split_dir, chunks, on_disk):
+    """split_dir/<size>_list.txt for every size with chunks enough: the scenes of its first chunks,
+    sorted as full_list.txt is -> {size: (chunks, scenes), or None where there are too few chunks}."""
+    written = {}
+    for size, n_chunks in SCALING_SPLITS.items():
+        if len(chunks) < n_chunks:
+            written[size] = None
+            continue
+        names = [name for chunk in chunks[:n_chunks] for name in on_disk.get(chunk, [])]
+        metas = sorted(os.path.abspath(split_dir / "metadata" / f"{name}.json") for name in names)
+        l3d.write_atomic(split_dir / f"{size}_list.txt", "".join(m + "\n" for m in metas))
+        written[size] = (n_chunks, len(metas))
+    return written
 
 
 def convert_re10k(src, out, split="all", png=False, workers=None):
@@ -157,7 +180,9 @@ def convert_re10k(src, out, split="all", png=False, workers=None):
 
     start = time.time()
     summary = {"scenes": 0, "frames": 0, "bytes": 0, "done_before": 0, "bad_scenes": [], "bad_chunks": []}
+    on_disk = {}
     for r in run_parallel(convert_chunk, jobs, workers, "chunks"):
+        on_disk[r["chunk"]] = r["on_disk"]
         for key in ("scenes", "frames", "bytes", "done_before"):
             summary[key] += r[key]
         for name, why in r["bad_scenes"]:
@@ -168,6 +193,9 @@ def convert_re10k(src, out, split="all", png=False, workers=None):
             summary["bad_chunks"].append((r["chunk"], r["error"]))
     summary["seconds"] = time.time() - start
     summary["listed"] = {s: write_full_list(out / s) for s in splits}
+    if "train" in splits:  # an unreadable chunk still counts, with no scenes: the sizes stay nested
+        train_chunks = [str(chunk) for chunk, split_dir, _ in jobs if split_dir.name == "train"]
+        summary["scaling"] = write_scaling_lists(out / "train", train_chunks, on_disk)
 
     t = max(summary["seconds"], 1e-9)
     print(f"converted {summary['scenes']} scenes, {summary['frames']} frames, {summary['bytes'] / 1e6:.1f} MB "
@@ -180,6 +208,12 @@ def convert_re10k(src, out, split="all", png=False, workers=None):
         print(f"  chunk {chunk}: {why}")
     for s, n in summary["listed"].items():
         print(f"{out / s / 'full_list.txt'}: {n} scenes")
+    for size, counts in summary.get("scaling", {}).items():
+        if counts:
+            print(f"{out / 'train' / f'{size}_list.txt'}: the first {counts[0]} chunks, {counts[1]} scenes")
+        else:
+            print(f"{out / 'train' / f'{size}_list.txt'}: not written, {SCALING_SPLITS[size]} chunks needed "
+                  f"and {src / 'train'} has {len(train_chunks)}")
     return summary
 
 

@@ -199,6 +199,8 @@ def to_release_name(name):
         (r"^encoder\.", "transformer_encoder."),
         (r"^decoder\.", "transformer_decoder."),
         (r"^estimator\.(\d)", r"estimator.transformer_estimator.\1"),
+        (r"^norm_in\.", "transformer_input_layernorm."),  # PT-LVSM's
+        (r"^blocks\.", "transformer_blocks."),  # PT-LVSM's
     ]
     for pattern, repl in rules:
         if re.search(pattern, name):
@@ -264,6 +266,93 @@ def test_release_checkpoint_loads_and_reproduces_outputs(tmp_path, capsys):
     # release files do not record their resolution: the error says what to pass
     with pytest.raises(ValueError, match="res=224"):
         l3d.load_model({"model": sd})
+
+
+# --- PT-LVSM --------------------------------------------------------------------------------------
+
+
+def plucker_numpy(c2w, fxfycxcy, R):
+    """Plucker rays of every pixel, float64 -> [6, R, R]: cross(origin, direction), unit direction."""
+    fx, fy, cx, cy = fxfycxcy
+    ys, xs = np.meshgrid(np.arange(R) + 0.5, np.arange(R) + 0.5, indexing="ij")
+    d = np.stack([(xs - cx) / fx, (ys - cy) / fy, np.ones_like(xs)], -1) @ c2w[:3, :3].T  # [R, R, 3]
+    d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    return np.concatenate([np.cross(c2w[:3, 3], d), d], -1).transpose(2, 0, 1)
+
+
+def patches_numpy(x, p):
+    """[C, R, R] -> [(R/p)^2, p*p*C]: patches in raster order, each (row, column, channel)."""
+    c, r, _ = x.shape
+    return x.reshape(c, r // p, p, r // p, p).transpose(1, 3, 2, 4, 0).reshape((r // p) ** 2, p * p * c)
+
+
+def test_ptlvsm_release_names_load_and_forward_matches_float64():
+    torch.manual_seed(0)
+    cfg = l3d.Config.tiny("ptlvsm")
+    model = l3d.PTLVSM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = release_state_dict(model)
+    assert "transformer_blocks.5.attn.to_qkv.weight" in sd and "transformer_input_layernorm.weight" in sd
+    loaded = l3d.load_model({"model": sd}, config=cfg)
+    assert isinstance(loaded, l3d.PTLVSM)
+    ctx, ctx_k, tgt, tgt_k = tiny_inputs(b=1, v_tgt=2)
+    c2w = torch.tensor(np.stack([np.eye(4)] * 4))
+    for i, (axis, angle, t) in enumerate([([0, 1, 0], 0.3, [0.2, 0, 0.1]), ([1, 0, 0], -0.2, [-0.3, 0.1, 0]),
+                                          ([0, 0, 1], 0.5, [0.1, -0.2, 0.3]), ([1, 1, 0], 0.4, [0, 0.2, -0.1])]):
+        c2w[i, :3, :3], c2w[i, :3, 3] = torch.tensor(rodrigues(axis, angle)), torch.tensor(t)
+    c2w = c2w.float()
+    with torch.no_grad():
+        render, _ = loaded(ctx, ctx_k, tgt, tgt_k, c2w[None, :2], c2w[None, 2:])
+        tokens = loaded.tokenizer(ctx)[0].double().numpy()  # [2, n, d]: the tokenizer is checked with UP-LVSM
+    # the rest in float64, from the weights as the release names them
+    W = {k: v.double().numpy() for k, v in sd.items()}
+    R, p, n = cfg.image_size, cfg.patch_size, tokens.shape[1]
+
+    def layer_norm(x, w):
+        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * w
+
+    c2w64, k64 = c2w.double().numpy(), ctx_k[0].double().numpy()
+    marker = patches_numpy(plucker_numpy(c2w64[0], k64[0], R), p) @ W["canonical_pose_tokenizer.1.weight"].T
+    context = np.concatenate([tokens[0] + marker, tokens[1]])  # [2n, d]
+    expected = []
+    for j in range(2):
+        target = patches_numpy(plucker_numpy(c2w64[2 + j], tgt_k[0, j].double().numpy(), R), p)
+        x = np.concatenate([context, target @ W["target_pose_tokenizer.1.weight"].T])[None]  # [1, 3n, d]
+        x = torch.tensor(layer_norm(x, W["transformer_input_layernorm.weight"]))
+        for block in loaded.blocks:
+            x = torch.tensor(reference_block(x, block, heads=cfg.dim // cfg.head_dim, dino=False))
+        out = layer_norm(x[0, -n:].numpy(), W["image_token_decoder.0.weight"]) @ W["image_token_decoder.1.weight"].T
+        rgb = 1 / (1 + np.exp(-out))  # [n, p*p*3]
+        expected.append(rgb.reshape(R // p, R // p, p, p, 3).transpose(4, 0, 2, 1, 3).reshape(3, R, R))
+    error = np.abs(render[0].double().numpy() - np.stack(expected)).max()
+    assert error < 1e-5, error
+
+
+def test_pose_normalisation_is_the_releases(tmp_path):
+    rng = np.random.default_rng(0)
+    c2w = np.stack([np.eye(4)] * 5)
+    for i in range(5):
+        c2w[i, :3, :3] = rodrigues(rng.normal(size=3), rng.uniform(0, 0.6))
+        c2w[i, :3, 3] = rng.normal(size=3) * 2
+    # the mean camera, written out: mean centre, mean forward (z) axis, right = mean down (y) x forward
+    centre, forward = c2w[:, :3, 3].mean(0), c2w[:, :3, 2].mean(0)
+    forward /= np.linalg.norm(forward)
+    right = np.cross(c2w[:, :3, 1].mean(0), forward)
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    mean = np.eye(4)
+    mean[:3, :3], mean[:3, 3] = np.stack([right, down, forward], 1), centre
+    expected = np.linalg.inv(mean) @ c2w
+    expected[:, :3, 3] /= 1.35 * np.abs(expected[:, :3, 3]).max()
+    got = l3d.normalize_poses(torch.tensor(c2w)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert abs(np.abs(got[:, :3, 3]).max() - 1 / 1.35) < 1e-12
+    np.testing.assert_allclose(got[:, :3, 3].mean(0), 0, atol=1e-12)  # the mean camera is the origin
+    # through a scene's metadata: w2c in, the same cameras out
+    frames = [{"w2c": np.linalg.inv(m).tolist()} for m in c2w]
+    np.testing.assert_allclose(l3d.load_cameras(frames, [3, 0, 1, 2, 4]).numpy(), expected[[3, 0, 1, 2, 4]], atol=1e-6)
 
 
 def test_l3d_checkpoint_round_trip():
@@ -608,18 +697,23 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
         assert len(set(sums)) == 4  # and they did change every step
 
 
-def test_bench_flop_formula_matches_torch_flop_counter():
+@pytest.mark.parametrize("model", ["uplvsm", "ptlvsm"])
+def test_bench_flop_formula_matches_torch_flop_counter(model):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = l3d.Config.tiny()
+    cfg = l3d.Config.tiny(model)
     ctx, ctx_k, tgt, tgt_k = tiny_inputs(b=1, v_tgt=6)
+    c2w = torch.eye(4).expand(1, 8, 4, 4)
     # the math backend: FlopCounterMode cannot see inside the fused kernels of some builds
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        l3d.UPLVSM(cfg)(ctx, ctx_k, tgt, tgt_k)
+        l3d.make_model(cfg)(ctx, ctx_k, tgt, tgt_k, c2w[:, :2], c2w[:, 2:])
     # the attention products were seen: q k^T and (softmax) v, 2 n^2 d multiply-adds per sequence of n
     d, n, L, seq_tok = cfg.dim, (cfg.image_size // cfg.patch_size) ** 2, cfg.n_latents, 1 + cfg.tok_registers + 16
-    attention = 4 * d * (8 * cfg.tok_depth * seq_tok ** 2 + cfg.n_encoder * (L + 2 * n) ** 2
-                         + 6 * (cfg.n_estimator + cfg.n_decoder) * (n + L) ** 2)
+    if model == "uplvsm":  # 8 images tokenized, the encoder, and per target the estimator and the decoder
+        attention = 4 * d * (8 * cfg.tok_depth * seq_tok ** 2 + cfg.n_encoder * (L + 2 * n) ** 2
+                             + 6 * (cfg.n_estimator + cfg.n_decoder) * (n + L) ** 2)
+    else:  # 2 context images tokenized, then per target one stack over 3n tokens
+        attention = 4 * d * (2 * cfg.tok_depth * seq_tok ** 2 + 6 * cfg.n_blocks * (3 * n) ** 2)
     assert abs(counter.get_flop_counts()["Global"][torch.ops.aten.bmm] / attention - 1) < 0.02
     # the formula leaves out the pose heads' few matmuls
     assert abs(l3d.model_flops(cfg) / counter.get_total_flops() - 1) < 1e-3

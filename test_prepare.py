@@ -166,6 +166,35 @@ def test_interrupted_run_completes(chunks, tmp_path):
     assert {p: t for p, t in mtimes(out).items() if p in untouched} == untouched
 
 
+def test_scaling_lists_take_the_first_chunks_in_name_order(chunks, tmp_path, monkeypatch, capsys):
+    src, _ = chunks
+    # chunk 000002 has a bad scene; 000003 does not load but counts as a chunk: the sizes stay nested
+    bad = scene("eee", 3, 40)
+    bad["images"][1] = torch.frombuffer(bytearray(b"not a jpeg"), dtype=torch.uint8)
+    torch.save([scene("fff", 2, 50), bad], src / "train" / "000002.torch")
+    (src / "train" / "000003.torch").write_text("not a torch file")
+    torch.save([scene("ggg", 2, 60)], src / "train" / "000004.torch")
+    monkeypatch.setattr(prepare, "SCALING_SPLITS", {"little": 1, "medium": 3, "large": 5, "huge": 6})
+    out = tmp_path / "out"
+    summary = prepare.convert_re10k(src, out, workers=1)
+    assert summary["scaling"] == {"little": (1, 2), "medium": (3, 4), "large": (5, 5), "huge": None}
+
+    def listed(size):
+        return [Path(p).stem for p in (out / "train" / f"{size}_list.txt").read_text().splitlines()]
+
+    assert listed("little") == ["aaa", "bbb"]  # chunk 000000
+    assert listed("medium") == ["aaa", "bbb", "ccc", "fff"]  # 000000 to 000002, without the bad scene
+    assert listed("large") == ["aaa", "bbb", "ccc", "fff", "ggg"]
+    assert not (out / "train" / "huge_list.txt").exists()
+    assert "huge_list.txt: not written, 6 chunks needed" in capsys.readouterr().out
+    for size in ("little", "medium", "large"):  # every listed file is a scene on disk
+        assert all(Path(p).is_file() for p in (out / "train" / f"{size}_list.txt").read_text().splitlines())
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "train").glob("*_list.txt")}
+    summary = prepare.convert_re10k(src, out, workers=2)  # a rerun, all scenes done before: the same files
+    assert summary["scaling"]["medium"] == (3, 4)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "train").glob("*_list.txt")} == before
+
+
 def test_command_line_with_two_workers(chunks, tmp_path):
     src, _ = chunks
     out = tmp_path / "out"
