@@ -967,11 +967,16 @@ def make_train_step(model, opt, args, device, world, perceptual=None):
     """-> train_step(batch, lr) -> (loss, PSNR, gradient norm, updated): the paper's training step,
     the one train() and bench() both take. The loss is averaged over ranks, so that every rank
     makes the same decision to update or to skip."""
-    run = model  # the plain module stays for saving and evaluation
+    if args.compile and device.type == "cuda":
+        # What the paper's batch needs on an 80 GB GPU: each compiled block keeps for backward only the
+        # share of its activations that the budget allows and recomputes the rest, choosing the
+        # cheapest ops to redo (the matmul outputs are kept first). The names in the state dict stay.
+        from torch._functorch import config as functorch_config
+        functorch_config.activation_memory_budget = args.memory_budget
+        compile_blocks(model)
+    run = model
     if world > 1:
         run = torch.nn.parallel.DistributedDataParallel(model)  # on the model's one device, GPU or CPU
-    if args.compile and device.type == "cuda":
-        run = torch.compile(run)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def train_step(batch, lr):
@@ -1207,15 +1212,18 @@ def attention_backend(device, dtype, head_dim=64, tokens=256):
 
 
 def bench(args):
-    """Time the training step as train() takes it, on random inputs: ms/step, samples/s, memory, MFU."""
+    """Time the training step as train() takes it, on random inputs: compile time, ms/step, samples/s,
+    peak memory, MFU."""
+    started = time.time()
     rank, world, device, model, opt = build(args)
     cfg, cuda = model.config, device.type == "cuda"
     perceptual = None
     if args.perceptual > 0:
-        try:
-            perceptual = PerceptualLoss(args.vgg).to(device)
-        except (RuntimeError, ValueError) as e:
-            print0(f"bench: {e}\nbench: so the perceptual loss runs on random VGG-19 weights (same cost)")
+        vgg = Path(args.vgg or CACHE_DIR / VGG19_URL.rsplit("/", 1)[-1])
+        if vgg.is_file():
+            perceptual = PerceptualLoss(vgg).to(device)
+        else:  # the bench never downloads: the cost is the same with any weights
+            print0(f"bench: no VGG-19 weights at {vgg}, so the perceptual loss runs on random ones")
             perceptual = PerceptualLoss(random_weights=True).to(device)
     train_step = make_train_step(model, opt, args, device, world, perceptual)
     R, b = cfg.image_size, args.batch
@@ -1230,16 +1238,20 @@ def bench(args):
             train_step(batch, args.lr)  # .item() inside waits for the GPU
         return (time.time() - start) / steps
 
+    ready = time.time()
     first = timed(1)  # compilation, allocator, kernel selection
     timed(2)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     dt = timed(args.bench_steps)
+    compiled = args.compile and cuda
+    plan = ("every block recomputed" if args.grad_checkpoint else
+            f"activation budget {args.memory_budget}" if compiled else "every activation kept")
     kernel = attention_backend(device, torch.bfloat16 if cuda else torch.float32, cfg.head_dim)
-    line = (f"bench: res {R}, batch {b} x {world} rank(s), perceptual {args.perceptual}, "
-            f"compile {args.compile and cuda}, grad checkpoint {args.grad_checkpoint}, {device}, "
-            f"attention {kernel}: "
-            f"first step {first:.1f} s, {dt * 1000:.1f} ms/step, {b * world / dt:.1f} samples/s")
+    print0(f"bench: {cfg.model} at {R}, batch {b} x {world} rank(s), perceptual {args.perceptual}, {device}, "
+           f"compiled blocks {compiled}, memory: {plan}, attention {kernel}")
+    line = (f"bench: first step done {ready - started + first:.1f} s after start "
+            f"(compile and warm-up {first - dt:.1f} s), {dt * 1000:.1f} ms/step, {b * world / dt:.1f} samples/s")
     if cuda:
         achieved = 3 * model_flops(cfg) * b / dt  # backward costs twice the forward
         line += (f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB, "
@@ -1270,8 +1282,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, help="samples per process (per GPU)")
     ap.add_argument("--lr", type=float, help="peak learning rate")
     ap.add_argument("--warmup", type=int, help="linear warm-up steps")
-    ap.add_argument("--init", help="start from these weights only (an l3d or release checkpoint); "
-                    "optimizer and schedule start fresh")
+    ap.add_argument("--init", help="start from these weights only (an l3d or release checkpoint, or x224 "
+                    "and x518 by name); optimizer and schedule start fresh. 'none': from scratch, which --res 518 "
+                    "must be told")
     ap.add_argument("--dinov2", help="tokenizer init: 'download' (DINOv2 ViT-B/14 reg4, once, into the "
                     "cache), a local .pth, or 'none'")
     ap.add_argument("--perceptual", type=float, help="weight of the VGG-19 perceptual loss (0 turns it off)")
@@ -1289,10 +1302,14 @@ def parse_args(argv=None):
                     help="keep decoded frames in memory (datasets that fit; with --workers 0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: the GPU when there is one")
+    ap.add_argument("--memory-budget", type=float, default=0.5,
+                    help="compiled runs: the share of each block's activations kept for backward, the rest "
+                    "recomputed (1: keep all, the fastest where it fits)")
     ap.add_argument("--grad-checkpoint", action="store_true",
-                    help="recompute each block in backward: less memory, ~30%% slower")
+                    help="recompute every block whole in backward: the least memory, the slowest")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
-                    help="do not torch.compile the model (compiled only on CUDA)")
+                    help="run the blocks eagerly (they are compiled only on CUDA); without compilation "
+                    "the paper's batches need --grad-checkpoint on an 80 GB GPU")
     ap.add_argument("--bench", action="store_true", help="time training steps on random inputs and exit")
     ap.add_argument("--bench-steps", type=int, default=10, help="timed steps, after 3 untimed ones")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak for MFU (H100 SXM: 989)")
@@ -1302,6 +1319,12 @@ def parse_args(argv=None):
     for key, value in PRESETS["tiny" if args.tiny else args.res].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.res == 518 and not (args.tiny or args.bench or args.init or any(Path(args.out).glob("ckpt_*.pt"))):
+        ap.error(f"--res 518 fine-tunes the 224 model, and nothing in {args.out} to resume and no --init would "
+                 f"start it from noise: pass the 224 weights (--init runs/x224/ckpt_0100000.pt, or --init x224 "
+                 f"for the released ones), or --init none to mean it")
+    if args.init == "none":
+        args.init = None
     args.eval_data = args.eval_data or str(Path(args.data).parent.parent / "test" / "full_list.txt")
     args.eval_index = args.eval_index or str(Path(args.eval_data).parent / "evaluation_index.json")
     return args

@@ -1,4 +1,5 @@
-"""Tests of l3d.py on CPU with tiny configs. Every check compares against maths written here."""
+"""Tests of l3d.py, on the CPU with tiny configs, and a few on a CUDA GPU where there is one. Every
+check compares against maths written here or against the same computation done another way."""
 
 import functools
 import http.server
@@ -666,6 +667,20 @@ def test_init_takes_weights_only_from_a_release_file(tmp_path):
     assert not list((tmp_path / "ft2").glob("ckpt_*.pt"))
 
 
+def test_518_needs_the_224_weights_or_says_why_not(tmp_path, capsys):
+    out = tmp_path / "x518"
+    with pytest.raises(SystemExit):
+        l3d.parse_args(["--res", "518", "--out", str(out)])
+    message = capsys.readouterr().err
+    assert "--init runs/x224/ckpt_0100000.pt" in message and "--init x224" in message and "--init none" in message
+    assert l3d.parse_args(["--res", "518", "--out", str(out), "--init", "none"]).init is None  # said on purpose
+    assert l3d.parse_args(["--res", "518", "--out", str(out), "--init", "x224"]).init == "x224"
+    out.mkdir()
+    (out / "ckpt_0004000.pt").touch()  # a run to resume: no --init needed
+    assert l3d.parse_args(["--res", "518", "--out", str(out)]).init is None
+    assert l3d.parse_args(["--res", "224", "--out", str(tmp_path / "x224")]).init is None  # 224 starts from DINOv2
+
+
 def ddp_probe(log, argv):
     """Run l3d.train with an AdamW whose every step writes, per rank, how far this rank's parameters
     are from rank 0's and their sum. Started by torchrun: python test_l3d.py LOG ARGS..."""
@@ -717,6 +732,87 @@ def test_bench_flop_formula_matches_torch_flop_counter(model):
     assert abs(counter.get_flop_counts()["Global"][torch.ops.aten.bmm] / attention - 1) < 0.02
     # the formula leaves out the pose heads' few matmuls
     assert abs(l3d.model_flops(cfg) / counter.get_total_flops() - 1) < 1e-3
+
+
+# --- on a CUDA GPU: compilation, bf16, the memory plan ------------------------------------------
+# These run only where there is a GPU; everything above compares against CPU maths and stays there.
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def fp32_cuda():
+    """Plain float32 matmuls (no TF32) for the length of a test."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@cuda
+def test_cuda_compiled_blocks_render_as_eager(fp32_cuda):
+    model = tiny_model().to(fp32_cuda)
+    inputs = [x.to(fp32_cuda) for x in tiny_inputs()]
+    with torch.no_grad():
+        eager, eager_pose = model(*inputs)
+        compiled, compiled_pose = l3d.compile_blocks(model)(*inputs)
+    # float32 both ways; the compiled kernels only fuse and reorder sums
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    torch.testing.assert_close(compiled_pose, eager_pose, rtol=0, atol=1e-5)
+
+
+@cuda
+def test_cuda_bf16_renders_agree_with_fp32(fp32_cuda):
+    torch.manual_seed(0)
+    with fp32_cuda:
+        model = l3d.UPLVSM(l3d.Config.paper(224)).eval()  # the paper's model at its own init
+    R = 224
+    g = torch.Generator(device=fp32_cuda).manual_seed(1)
+    k = torch.tensor([0.9 * R, 0.95 * R, R / 2, R / 2], device=fp32_cuda)
+    inputs = (torch.rand(2, 2, 3, R, R, device=fp32_cuda, generator=g), k.expand(2, 2, 4),
+              torch.rand(2, 3, 3, R, R, device=fp32_cuda, generator=g), k.expand(2, 3, 4))
+    with torch.no_grad():
+        fp32 = model(*inputs)[0]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model(*inputs)[0].float()
+    diff = (bf16 - fp32).abs()
+    print(f"bf16 vs fp32 renders: max {diff.max().item():.2e}, mean {diff.mean().item():.2e}")
+    # the release's own spread on such weights: max 7.8e-3, mean 6.2e-4 (measured on an H100)
+    assert diff.max() < 2e-2 and diff.mean() < 2e-3
+
+
+@cuda
+def test_cuda_one_training_step_with_the_default_memory_plan():
+    from torch._functorch import config as functorch_config
+    results = []
+    for compiled in (False, True):
+        args = l3d.parse_args(["--tiny", "--device", "cuda", "--lr", "0"] + ([] if compiled else ["--no-compile"]))
+        assert args.memory_budget == 0.5 and not args.grad_checkpoint  # the defaults under test
+        torch.manual_seed(0)
+        model = tiny_model().cuda()
+        opt = l3d.make_optimizer(model, args.lr)
+        step = l3d.make_train_step(model, opt, args, torch.device("cuda"), 1)
+        batch = (*tiny_inputs(b=4, v_tgt=6), torch.eye(4).expand(4, 2, 4, 4), torch.eye(4).expand(4, 6, 4, 4))
+        results.append(step(batch, 0.0))
+        if compiled:
+            assert functorch_config.activation_memory_budget == 0.5
+            assert any(isinstance(m, l3d.Block) and m._compiled_call_impl is not None for m in model.modules())
+    (loss, psnr, gnorm, updated), (loss_c, psnr_c, gnorm_c, updated_c) = results
+    assert updated_c == updated and math.isfinite(loss_c)
+    # both under bf16 autocast: the compiled step may round differently, not compute something else
+    assert loss_c == pytest.approx(loss, rel=1e-2) and gnorm_c == pytest.approx(gnorm, rel=3e-2)
+
+
+@cuda
+def test_cuda_checkpointed_compiled_blocks_give_the_same_gradients(fp32_cuda):
+    grads = []
+    for ckpt in (False, True):
+        model = l3d.compile_blocks(tiny_model().to(fp32_cuda).train())
+        model.grad_checkpoint = ckpt
+        ctx, ctx_k, tgt, tgt_k = (x.to(fp32_cuda) for x in tiny_inputs())
+        F.mse_loss(model(ctx, ctx_k, tgt, tgt_k)[0], tgt).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
 
 
 if __name__ == "__main__":
