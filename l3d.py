@@ -307,8 +307,18 @@ class ImageTokenizer(nn.Module):
 
 
 class LVSM(nn.Module):
-    """What UP-LVSM and PT-LVSM share besides their modules: the release's initialisation, per-block
-    gradient checkpointing, the input check and the pixel head."""
+    """What UP-LVSM and PT-LVSM share: the image tokenizer, the two ray embeddings (the first context
+    view's marker and the target's camera), the release's initialisation, per-block gradient
+    checkpointing, the input check and the pixel head."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        p, d = cfg.patch_size, cfg.dim
+        self.tokenizer = ImageTokenizer(cfg)
+        self.canonical_rays = nn.Linear(6 * p * p, d, bias=False)
+        self.target_rays = nn.Linear(6 * p * p, d, bias=False)
+        self.grad_checkpoint = False
 
     def init_weights(self, stacks):
         """From-scratch initialisation, as the release does it; the tokenizer gets DINOv2's own scheme."""
@@ -374,12 +384,8 @@ class UPLVSM(LVSM):
     """
 
     def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         d, p, hd = cfg.dim, cfg.patch_size, cfg.head_dim
-        self.tokenizer = ImageTokenizer(cfg)
-        self.canonical_rays = nn.Linear(6 * p * p, d, bias=False)
-        self.target_rays = nn.Linear(6 * p * p, d, bias=False)
         self.latents = nn.Parameter(torch.zeros(cfg.n_latents, d))
         self.encoder = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_encoder))
         self.estimator = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_estimator))
@@ -389,7 +395,6 @@ class UPLVSM(LVSM):
         self.decoder = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_decoder))
         self.decoder_norm_out = nn.LayerNorm(d, bias=False)
         self.to_pixels = nn.Linear(d, p * p * 3, bias=False)
-        self.grad_checkpoint = False
         self.init_weights((self.encoder, self.decoder))
         nn.init.trunc_normal_(self.latents, std=0.02)
 
@@ -450,17 +455,12 @@ class PTLVSM(LVSM):
     """
 
     def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         d, p, hd = cfg.dim, cfg.patch_size, cfg.head_dim
-        self.tokenizer = ImageTokenizer(cfg)
-        self.canonical_rays = nn.Linear(6 * p * p, d, bias=False)
-        self.target_rays = nn.Linear(6 * p * p, d, bias=False)
         self.norm_in = nn.LayerNorm(d, bias=False)
         self.blocks = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_blocks))
         self.decoder_norm_out = nn.LayerNorm(d, bias=False)
         self.to_pixels = nn.Linear(d, p * p * 3, bias=False)
-        self.grad_checkpoint = False
         self.init_weights((self.blocks,))
 
     def forward(self, ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy, ctx_c2w, tgt_c2w):
