@@ -293,7 +293,8 @@ def fly_through(model, images, fxfycxcy, n_frames, beyond=0.2, chunk=8):
     """Photos A and B (images [2, 3, R, R], fxfycxcy [2, 4]) -> (frames [n, 3, R, R], poses [n, 7],
     fxfycxcy [n, 4], the frame at B's camera). The model estimates both cameras in the frame of A:
     A's lands at the identity as nearly as the model has learned to put it there (the tiny classroom
-    model puts it 24 degrees off, and renders A there at 25 dB, at the identity at 18). The path goes
+    model puts it about 24 degrees off, and over its 38 test scenes renders A at 23.1 dB from its
+    estimate, at 12.3 dB from the identity). The path goes
     from A's camera to B's and a fraction `beyond` further: translation and intrinsics linearly,
     rotation by slerp."""
     latents = model.encode(images[None], fxfycxcy[None])  # [1, L, d]
@@ -497,7 +498,7 @@ def main(argv=None):
     skipped = {"out_of_range": 0, "unreadable": 0}
     scored = 0
     # throughput after the first batch, which pays for compilation: the model alone, and everything
-    views, model_seconds, start = 0, 0.0, None
+    rendered, model_seconds, start = 0, 0.0, None
     bar = tqdm(loader, desc=f"rank 0 of {world}", disable=rank != 0)
     with open(out / f"part.rank{rank}.jsonl", "a") as part:
         for batch in batches(bar, args.batch, skipped):
@@ -505,7 +506,8 @@ def main(argv=None):
             if start is None:
                 start = time.time()
             else:
-                views, model_seconds = views + renders.shape[0] * renders.shape[1], model_seconds + seconds
+                rendered += renders.shape[0] * renders.shape[1]
+                model_seconds += seconds
             scored += len(batch)
             for scene, render, scene_rows in zip(batch, renders, rows):
                 part.write(json.dumps({"scene": scene["scene"], "rows": scene_rows}) + "\n")
@@ -516,9 +518,10 @@ def main(argv=None):
                     with autocast:
                         frames = render_video(model, scene, args.video, device)
                     save_video(out / "renders" / scene["scene"], frames)
-    if views and not args.video and not args.save_images:
-        print(f"rank {rank}: rendered {views} views after the first batch: {views / model_seconds:.1f} views/s "
-              f"by the model alone, {views / (time.time() - start):.1f} views/s with loading and scoring", flush=True)
+    if rendered and not args.video and not args.save_images:
+        print(f"rank {rank}: rendered {rendered} views after the first batch: {rendered / model_seconds:.1f} "
+              f"views/s by the model alone, {rendered / (time.time() - start):.1f} views/s with loading and "
+              f"scoring", flush=True)
     every = [(scored, skipped)]
     if dist.is_initialized():  # gathering also waits for every rank to have closed its part file
         every = [None] * world if rank == 0 else None

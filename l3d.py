@@ -597,10 +597,15 @@ def load_model(ckpt, res=None, config=None):
     return model.eval()
 
 
+def cached(url):
+    """Where the file at url lives once downloaded: CACHE_DIR/<its file name>."""
+    return CACHE_DIR / url.rsplit("/", 1)[-1]
+
+
 def download(url):
     """The file at url, downloaded once into CACHE_DIR (torch.hub writes through a temporary file and
     shows a progress bar) -> its path."""
-    dest = CACHE_DIR / url.rsplit("/", 1)[-1]
+    dest = cached(url)
     if not dest.is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -1223,7 +1228,7 @@ def bench(args):
     cfg, cuda = model.config, device.type == "cuda"
     perceptual = None
     if args.perceptual > 0:
-        vgg = Path(args.vgg or CACHE_DIR / VGG19_URL.rsplit("/", 1)[-1])
+        vgg = Path(args.vgg or cached(VGG19_URL))
         if vgg.is_file():
             perceptual = PerceptualLoss(vgg).to(device)
         else:  # the bench never downloads: the cost is the same with any weights

@@ -48,11 +48,16 @@ def write_metadata(split_dir, name, frames):
     l3d.write_atomic(split_dir / "metadata" / f"{name}.json", json.dumps({"scene_name": name, "frames": frames}, indent=1))
 
 
+def write_list(path, metas):
+    """A scene list: the metadata files' absolute paths, sorted, one a line -> its number of scenes."""
+    metas = sorted(os.path.abspath(m) for m in metas)
+    l3d.write_atomic(path, "".join(m + "\n" for m in metas))
+    return len(metas)
+
+
 def write_full_list(split_dir):
     """Rebuild full_list.txt from the metadata folder; returns its number of scenes."""
-    metas = sorted(os.path.abspath(p) for p in (split_dir / "metadata").glob("*.json"))
-    l3d.write_atomic(split_dir / "full_list.txt", "".join(m + "\n" for m in metas))
-    return len(metas)
+    return write_list(split_dir / "full_list.txt", (split_dir / "metadata").glob("*.json"))
 
 
 def run_parallel(fn, jobs, workers, desc):
@@ -159,9 +164,8 @@ def write_scaling_lists(split_dir, chunks, on_disk):
             written[size] = None
             continue
         names = [name for chunk in chunks[:n_chunks] for name in on_disk.get(chunk, [])]
-        metas = sorted(os.path.abspath(split_dir / "metadata" / f"{name}.json") for name in names)
-        l3d.write_atomic(split_dir / f"{size}_list.txt", "".join(m + "\n" for m in metas))
-        written[size] = (n_chunks, len(metas))
+        metas = [split_dir / "metadata" / f"{name}.json" for name in names]
+        written[size] = (n_chunks, write_list(split_dir / f"{size}_list.txt", metas))
     return written
 
 

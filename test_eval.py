@@ -359,10 +359,15 @@ def photo_pair(tmp_path):
     return [tmp_path / "a.png", tmp_path / "b.jpg"]
 
 
+def photo_inputs(paths, cfg):
+    """Photos as eval.py hands them to the model -> (images [2, 3, R, R], fxfycxcy [2, 4])."""
+    views = [l3d.crop_view(*ev.read_photo(p)[:2], cfg.image_size, cfg.patch_size) for p in paths]
+    return torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
+
+
 def test_fly_through_goes_from_a_to_b_where_the_model_puts_them(tmp_path):
     model, cfg = tiny_model(), l3d.Config.tiny()
-    views = [l3d.crop_view(*ev.read_photo(p)[:2], cfg.image_size, cfg.patch_size) for p in photo_pair(tmp_path)]
-    images, fxfycxcy = torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
+    images, fxfycxcy = photo_inputs(photo_pair(tmp_path), cfg)
     frames, poses, path_k, at_b = ev.fly_through(model, images, fxfycxcy, n_frames=12)
     assert frames.shape == (12, 3, cfg.image_size, cfg.image_size) and at_b == 9
     with torch.no_grad():  # the model's own renders of A and B as targets, at the cameras it estimates
@@ -384,8 +389,8 @@ def test_photos_command_writes_video_sheet_and_cameras(tmp_path, capsys):
     ckpt = tmp_path / "tiny.pt"
     model = tiny_model()
     torch.save({"model": model.state_dict(), "config": asdict(model.config)}, ckpt)
-    out = tmp_path / "out"
-    cameras = ev.main(["--photos", *map(str, photo_pair(tmp_path)), "--ckpt", str(ckpt), "--out", str(out),
+    out, photos = tmp_path / "out", photo_pair(tmp_path)
+    cameras = ev.main(["--photos", *map(str, photos), "--ckpt", str(ckpt), "--out", str(out),
                        "--frames", "10", "--device", "cpu"])
     assert sorted(p.name for p in out.iterdir()) == sorted(["cameras.json", "contact_sheet.png", next(out.glob("flythrough.*")).name])
     video = Image.open(next(out.glob("flythrough.*")))
@@ -397,9 +402,7 @@ def test_photos_command_writes_video_sheet_and_cameras(tmp_path, capsys):
     assert sum(durations) == 10 * 33
     assert json.loads((out / "cameras.json").read_text()) == cameras
     with torch.no_grad():  # the path starts at A's camera as the model estimates it
-        cfg = model.config
-        views = [l3d.crop_view(*ev.read_photo(p)[:2], cfg.image_size, cfg.patch_size) for p in photo_pair(tmp_path)]
-        images, fxfycxcy = torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
+        images, fxfycxcy = photo_inputs(photos, model.config)
         pose_a = model(images[None], fxfycxcy[None], images[None, :1], fxfycxcy[None, :1])[1][0, 0]
     np.testing.assert_allclose(cameras["frames"][0]["c2w"], l3d.pose_to_c2w(pose_a).numpy(), atol=1e-5)
     R = model.config.image_size
