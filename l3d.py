@@ -85,15 +85,15 @@ class Config:
 PRESETS = {
     224: dict(batch=16, steps=100_000, lr=4e-4, warmup=4000, perceptual=0.5, dinov2="download",
               data="data/re10k/train/full_list.txt", out="runs/x224", save_every=4000, eval_every=4000,
-              workers=min(8, os.cpu_count()), keep_frames=False),
+              log_every=100, workers=min(8, os.cpu_count()), keep_frames=False),
     518: dict(batch=6, steps=80_000, lr=4e-5, warmup=4000, perceptual=0.5, dinov2="none",
               data="data/re10k/train/full_list.txt", out="runs/x518", save_every=4000, eval_every=4000,
-              workers=min(8, os.cpu_count()), keep_frames=False),
+              log_every=100, workers=min(8, os.cpu_count()), keep_frames=False),
     # 1800 steps take 4-5 minutes on 2 cores. A 300-step warm-up scored 0.3 dB above 100 steps (two
     # seeds each); 2e-3 diverged, and 7e-4 to 1.4e-3 and 1500 to 2200 steps scored within the noise.
     "tiny": dict(batch=8, steps=1800, lr=1e-3, warmup=300, perceptual=0.0, dinov2="none",
                  data="data/synthetic/train/full_list.txt", out="runs/tiny", save_every=200, eval_every=200,
-                 workers=0, keep_frames=True),
+                 log_every=20, workers=0, keep_frames=True),
 }
 
 
@@ -201,12 +201,14 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
+        """x [b, n, d] -> [b, n, d]; or [b, m, d], the m tokens of the slice keep, the only queries."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim)  # [b, n, 3, heads, head_dim]
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads, n, head_dim]
-        x = attention(self.q_norm(q), self.k_norm(k), v)  # [b, heads, n, head_dim]
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))  # [b, heads, n, head_dim] -> [b, n, d]
+        q = q if keep is None else q[:, :, keep]  # [b, heads, m, head_dim]
+        x = attention(self.q_norm(q), self.k_norm(k), v)  # [b, heads, m, head_dim]
+        return self.proj(x.transpose(1, 2).reshape(b, q.shape[2], d))  # [b, heads, m, head_dim] -> [b, m, d]
 
 
 class MLP(nn.Module):
@@ -241,15 +243,24 @@ class Block(nn.Module):
         self.mlp = MLP(dim, 4 * dim, dim, bias=dino)
         self.ls2 = LayerScale(dim) if dino else nn.Identity()
 
-    def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
+    def forward(self, x, keep=None):
+        """keep: a slice of the tokens whose outputs are used. The last block of a stack needs only
+        those: the other tokens still give keys and values, but no query, projection or MLP."""
+        h = self.attn(self.norm1(x), keep)
+        x = (x if keep is None else x[:, keep]) + self.ls1(h)
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 def compile_blocks(model):
     """torch.compile every transformer block in place, and nothing else: regional compilation, where
     one block's graph is compiled once and reused by all the blocks like it (compiling the whole
-    model takes minutes). The names in the state dict stay as they are."""
+    model takes minutes). The names in the state dict stay as they are.
+
+    All blocks share one forward, and dynamo allows a function 8 graphs by default, then runs the
+    calls that need another one eagerly, without a word. Tokenizer and LVSM blocks, the last block
+    of each stack, and training beside evaluation need about a dozen, so the limit is raised.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for module in model.modules():
         if isinstance(module, Block):
             module.compile()
@@ -342,12 +353,14 @@ class LVSM(nn.Module):
                     if isinstance(m, nn.Linear):
                         nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * (i + 1)))
 
-    def run(self, blocks, x):
-        for block in blocks:
+    def run(self, blocks, x, keep):
+        """x [b, n, d] through a stack of blocks -> the tokens of the slice keep, [b, m, d]."""
+        for i, block in enumerate(blocks):
+            last = keep if i == len(blocks) - 1 else None
             if self.grad_checkpoint and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, last, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, last)
         return x
 
     def check_images(self, **images):
@@ -408,7 +421,7 @@ class UPLVSM(LVSM):
                                               self.config.patch_size))  # [b, 1, n, d]
         tokens = torch.cat([tokens[:, :1] + marker, tokens[:, 1:]], 1)
         x = torch.cat([self.latents.expand(b, -1, -1), tokens.reshape(b, v * n, d)], 1)  # [b, L + v*n, d]
-        return self.run(self.encoder, x)[:, :self.config.n_latents]
+        return self.run(self.encoder, x, keep=slice(0, self.config.n_latents))
 
     def estimate_pose(self, latents, tgt_images):
         """Latents [b, L, d] and target images [b, v, 3, R, R] -> pose encodings [b, v, 7]."""
@@ -416,7 +429,7 @@ class UPLVSM(LVSM):
         tokens = self.tokenizer(tgt_images).flatten(0, 1)  # [b*v, n, d]
         n = tokens.shape[1]
         x = torch.cat([tokens, latents.repeat_interleave(v, 0)], 1)  # [b*v, n + L, d]
-        x = self.run(self.estimator, x)[:, :n].mean(1)  # [b*v, d]
+        x = self.run(self.estimator, x, keep=slice(0, n)).mean(1)  # [b*v, n, d] -> [b*v, d]
         t, q = self.translation_head(x), self.rotation_head(x)
         q32 = q.float()
         q = (q32 / q32.norm(dim=-1, keepdim=True).clamp(min=1e-3)).to(q.dtype)
@@ -429,7 +442,7 @@ class UPLVSM(LVSM):
         x = self.target_rays(patchify(plucker_rays(c2w, fxfycxcy, R, R), p)).flatten(0, 1)  # [b*v, n, d]
         n = x.shape[1]
         x = self.decoder_norm_in(torch.cat([x, latents.repeat_interleave(v, 0)], 1))  # [b*v, n + L, d]
-        return self.pixels(self.run(self.decoder, x)[:, :n], b, v)
+        return self.pixels(self.run(self.decoder, x, keep=slice(0, n)), b, v)
 
     def forward(self, ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy, ctx_c2w=None, tgt_c2w=None):
         """-> (renders [b, v, 3, R, R], poses [b, v, 7]). The cameras are taken, as PT-LVSM takes them,
@@ -478,7 +491,7 @@ class PTLVSM(LVSM):
         x = self.target_rays(patchify(plucker_rays(tgt_c2w, tgt_fxfycxcy, R, R), p))
         x = x.flatten(0, 1)  # [b, v, n, d] -> [b*v, n, d]
         x = self.norm_in(torch.cat([tokens.repeat_interleave(v, 0), x], 1))  # [b*v, 2n + n, d]
-        return self.pixels(self.run(self.blocks, x)[:, -n:], b, v), None
+        return self.pixels(self.run(self.blocks, x, keep=slice(-n, None)), b, v), None
 
 
 def make_model(cfg):
@@ -952,13 +965,13 @@ def make_optimizer(model, lr, weight_decay=0.05):
 
 
 def clip_or_skip(params, clip=1.0, skip_factor=4.0):
-    """Zero non-finite gradients and clip the total norm at `clip` -> (too large, pre-clip norm).
-    Too large, above skip_factor * clip, means the update should be skipped: the release's guard
-    against loss spikes."""
+    """Zero non-finite gradients and clip the total norm at `clip` -> (too large, pre-clip norm), both
+    0-d tensors on the gradients' device: nothing waits for the GPU. Too large, above skip_factor *
+    clip, means the update should be skipped: the release's guard against loss spikes."""
     grads = [p.grad for p in params if p.grad is not None]
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-    norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
     return norm > skip_factor * clip, norm
 
 
@@ -970,18 +983,59 @@ def psnr(pred, target):
     return -10 * torch.log10(mse)
 
 
+# Activation memory of the compiled blocks under each budget, in bytes per token, block and channel,
+# and of the perceptual loss per target pixel: fitted to measured peaks (README, "Benchmark").
+ACTIVATION_BYTES = {1.0: 40, 0.75: 24, 0.5: 21}
+VGG_BYTES_PER_PIXEL = 1000
+
+
+def token_blocks(cfg, v_ctx=2, v_tgt=6):
+    """Tokens times the blocks they pass through, summed over one training sample."""
+    n, L = (cfg.image_size // cfg.patch_size) ** 2, cfg.n_latents
+    tok = (v_ctx + v_tgt) * (1 + cfg.tok_registers + n) * cfg.tok_depth
+    if cfg.model == "ptlvsm":
+        return v_ctx * (1 + cfg.tok_registers + n) * cfg.tok_depth + v_tgt * (v_ctx + 1) * n * cfg.n_blocks
+    return tok + (L + v_ctx * n) * cfg.n_encoder + v_tgt * (n + L) * (cfg.n_estimator + cfg.n_decoder)
+
+
+def step_memory(model, batch, budget, perceptual):
+    """Estimated peak bytes of a compiled training step: weights, gradients and AdamW's two moments
+    in float32, then the activations, which grow with the batch."""
+    cfg = model.config
+    per_sample = ACTIVATION_BYTES[budget] * cfg.dim * token_blocks(cfg)
+    if perceptual:
+        per_sample += VGG_BYTES_PER_PIXEL * 6 * cfg.image_size ** 2
+    return 16 * sum(p.numel() for p in model.parameters()) + batch * per_sample
+
+
+def memory_budget(model, args, device):
+    """--memory-budget -> (the share of activations the compiled blocks keep, a line saying why).
+    auto: keep them all (the fastest) where the step fits in the GPU's free memory, else the largest
+    measured budget that fits."""
+    if args.memory_budget != "auto":
+        return float(args.memory_budget), f"budget {args.memory_budget}"
+    free = torch.cuda.mem_get_info(device)[0]
+    for budget in ACTIVATION_BYTES:
+        need = step_memory(model, args.batch, budget, args.perceptual > 0)
+        if need < 0.92 * free:  # the allocator's fragmentation and cuDNN's workspace want the rest
+            break
+    line = f"budget {budget} (auto: about {need / 2 ** 30:.0f} GiB of {free / 2 ** 30:.0f} GiB free)"
+    if need >= 0.92 * free:
+        line += "; may not fit: try --grad-checkpoint or a smaller --batch"
+    return budget, line
+
+
 def make_train_step(model, opt, args, device, world, perceptual=None):
     """-> train_step(batch, lr) -> (loss, PSNR, gradient norm, updated): the paper's training step,
-    the one train() and bench() both take. The loss is averaged over ranks, so that every rank
-    makes the same decision to update or to skip."""
+    the one train() and bench() both take. The four are 0-d tensors on the device, read only when
+    printed, so that the host never waits for the GPU between steps. The loss is averaged over
+    ranks, so that every rank makes the same decision to update or to skip."""
     if args.compile and device.type == "cuda":
-        # Keeping every activation, the 224 batch of 16 needs about 90 GiB. Under a budget, each
-        # compiled block keeps that share of its activations for backward and recomputes the rest, the
-        # ops cheapest to redo first (norms, GELU; matmul outputs are kept). On an H100, 0.75 ran the
-        # 224 and 518 steps in 54-55 GiB and 5-7% faster than 0.5 (50 GiB); --grad-checkpoint
-        # recomputes whole blocks.
+        # Under a budget below 1, each compiled block keeps that share of its activations for
+        # backward and recomputes the rest, the ops cheapest to redo first (norms, GELU).
         from torch._functorch import config as functorch_config
-        functorch_config.activation_memory_budget = args.memory_budget
+        functorch_config.activation_memory_budget, plan = memory_budget(model, args, device)
+        print0(f"memory plan: compiled blocks, activation {plan}")
         compile_blocks(model)
     run = model
     if world > 1:
@@ -1005,10 +1059,12 @@ def make_train_step(model, opt, args, device, world, perceptual=None):
         if world > 1:
             torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
         too_large, gnorm = clip_or_skip(params, args.clip)
-        updated = not too_large and bool(torch.isfinite(loss))
-        if updated:
-            opt.step()
-        return loss.item(), psnr(render.detach(), tgt).mean().item(), gnorm, updated
+        updated = ~too_large & torch.isfinite(loss)
+        # fused AdamW leaves parameters and moments untouched where found_inf is 1 (the hook
+        # GradScaler uses), so skipping needs no host-side branch
+        opt.found_inf = (~updated).float()
+        opt.step()
+        return loss, psnr(render.detach(), tgt).mean(), gnorm, updated
 
     return train_step
 
@@ -1054,6 +1110,15 @@ def latest_checkpoint(out):
         except ValueError as e:  # a file cut short by a full disk; the rename makes this rare
             warnings.warn(f"{e}; trying an older one")
     return None
+
+
+def peak_memory(device):
+    """", peak memory X GiB" since the last call, on CUDA; "" elsewhere."""
+    if device.type != "cuda":
+        return ""
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    torch.cuda.reset_peak_memory_stats(device)
+    return f", peak memory {peak:.2f} GiB"
 
 
 def to_pil(image):
@@ -1155,26 +1220,40 @@ def train(args):
     scores = None
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     it = batches(data, step, per_epoch, args, rank, world, pin_memory=device.type == "cuda")
-    tick = time.time()
+    applied = torch.zeros((), dtype=torch.long, device=device)  # updates since start, counted on the device
+    sums, since, tick, resumed_at = 0, step, time.time(), step
     while step < args.steps:
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         loss, train_psnr, gnorm, updated = train_step(next(it), lr)
-        step, updates = step + 1, updates + updated
+        step += 1
         if rank != 0:
             continue
-        dt, tick = time.time() - tick, time.time()
+        applied += updated
+        sums = sums + torch.stack([loss, train_psnr, gnorm, (~updated).float()])
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{train_psnr:.2f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.2f}",
-                        skipped=step - updates, samples_s=f"{args.batch * world / dt:.1f}")
+        if step == resumed_at + 1:
+            bar.write(f"first step done {time.time() - started:.1f} s after start{peak_memory(device)}")
+        if step % args.log_every == 0 or step == args.steps:  # the host waits for the GPU only here
+            loss_, psnr_, gnorm_, skipped = (sums / (step - since)).tolist()
+            bar.set_postfix(loss=f"{loss_:.4f}", psnr=f"{psnr_:.2f}", lr=f"{lr:.2e}", gnorm=f"{gnorm_:.2f}",
+                            skipped=f"{skipped:.0%}",
+                            samples_s=f"{args.batch * world * (step - since) / (time.time() - tick):.1f}")
+            sums, since, tick = 0, step, time.time()
         if scenes and (step % args.eval_every == 0 or step == args.steps):
+            peak_memory(device)  # from here on, the held-out check's own
+            checked = time.time()
             scores = heldout(model, scenes, device, out / f"heldout_{step:07d}.png")
             bar.write(f"step {step}: held-out PSNR {scores['psnr']:.2f} dB (mean of context "
                       f"{scores['mean_of_context']:.2f}, best context copy "
-                      f"{scores['best_context_copy']:.2f})")
+                      f"{scores['best_context_copy']:.2f}); "
+                      f"{time.time() - checked:.1f} s{peak_memory(device)}")
+            tick += time.time() - checked  # samples/s counts training time only
         if step % args.save_every == 0 or step == args.steps:
             ckpt = {"model": model.state_dict(), "config": asdict(cfg), "optimizer": opt.state_dict(),
-                    "step": step, "updates": updates, "args": vars(args)}
+                    "step": step, "updates": updates + int(applied), "args": vars(args)}
+            saving = time.time()
             bar.write(f"saved {save_checkpoint(out, ckpt, args.keep)}")
+            tick += time.time() - saving
     bar.close()
     minutes, seconds = divmod(round(time.time() - started), 60)
     print0(f"done: step {step} of {args.steps} in {minutes} min {seconds} s of wall-clock time")
@@ -1191,16 +1270,22 @@ def model_flops(cfg, v_ctx=2, v_tgt=6):
     """Forward FLOPs of one training sample (matmuls only, 2 per multiply-add)."""
     d, n, L = cfg.dim, (cfg.image_size // cfg.patch_size) ** 2, cfg.n_latents
 
-    def blocks(depth, tokens, seqs=1):  # qkv + proj + MLP = 24 d^2 per token, attention 4 n d per token
-        return seqs * depth * (24 * d * d * tokens + 4 * tokens * tokens * d)
+    def blocks(depth, tokens, kept, seqs=1):
+        # per token qkv 6 d^2, proj and MLP 18 d^2, attention 4 d per key; the last block asks queries
+        # of the kept tokens only
+        full = 24 * d * d * tokens + 4 * tokens * tokens * d
+        last = 6 * d * d * tokens + 18 * d * d * kept + 4 * kept * tokens * d
+        return seqs * ((depth - 1) * full + last)
 
-    tok = 2 * 3 * cfg.patch_size ** 2 * d * n + blocks(cfg.tok_depth, 1 + cfg.tok_registers + n)  # per image
+    t = 1 + cfg.tok_registers + n
+    tok = 2 * 3 * cfg.patch_size ** 2 * d * n + blocks(cfg.tok_depth, t, t)  # per image
     p2 = cfg.patch_size ** 2
     rays_and_pixels = 2 * 6 * p2 * d * n * (1 + v_tgt) + 2 * d * 3 * p2 * n * v_tgt
     if cfg.model == "ptlvsm":  # the context images only, then per target one stack over its n and the 2n
-        return v_ctx * tok + blocks(cfg.n_blocks, (v_ctx + 1) * n, v_tgt) + rays_and_pixels
-    return ((v_ctx + v_tgt) * tok + blocks(cfg.n_encoder, L + v_ctx * n)
-            + blocks(cfg.n_estimator, n + L, v_tgt) + blocks(cfg.n_decoder, n + L, v_tgt) + rays_and_pixels)
+        return v_ctx * tok + blocks(cfg.n_blocks, (v_ctx + 1) * n, n, v_tgt) + rays_and_pixels
+    return ((v_ctx + v_tgt) * tok + blocks(cfg.n_encoder, L + v_ctx * n, L)
+            + blocks(cfg.n_estimator, n + L, n, v_tgt) + blocks(cfg.n_decoder, n + L, n, v_tgt)
+            + rays_and_pixels)
 
 
 def attention_backend(device, dtype, head_dim=64, tokens=256):
@@ -1244,7 +1329,8 @@ def bench(args):
     def timed(steps):
         start = time.time()
         for _ in range(steps):
-            train_step(batch, args.lr)  # .item() inside waits for the GPU
+            loss = train_step(batch, args.lr)[0]
+        loss.item()  # waits for the GPU, once, as train() does at its log steps
         return (time.time() - start) / steps
 
     ready = time.time()
@@ -1254,8 +1340,10 @@ def bench(args):
         torch.cuda.reset_peak_memory_stats()
     dt = timed(args.bench_steps)
     compiled = args.compile and cuda
+    from torch._functorch import config as functorch_config
     plan = ("every block recomputed" if args.grad_checkpoint else
-            f"activation budget {args.memory_budget}" if compiled else "every activation kept")
+            f"activation budget {functorch_config.activation_memory_budget}" if compiled else
+            "every activation kept")
     kernel = attention_backend(device, torch.bfloat16 if cuda else torch.float32, cfg.head_dim)
     print0(f"bench: {cfg.model} at {R}, batch {b} x {world} rank(s), perceptual {args.perceptual}, {device}, "
            f"compiled blocks {compiled}, memory: {plan}, attention {kernel}")
@@ -1275,6 +1363,12 @@ def bench(args):
 
 # -----------------------------------------------------------------------------
 # Command line. Paper numbers are the defaults; --tiny swaps in the classroom preset.
+
+
+def budget_arg(text):
+    if text == "auto" or 0 < float(text) <= 1:
+        return text
+    raise argparse.ArgumentTypeError(f"{text}: 'auto' or a share in (0, 1]")
 
 
 def parse_args(argv=None):
@@ -1300,6 +1394,8 @@ def parse_args(argv=None):
     ap.add_argument("--vgg", help="local imagenet-vgg-verydeep-19.mat (default: downloaded into the cache)")
     ap.add_argument("--save-every", type=int, help="checkpoint every this many steps")
     ap.add_argument("--keep", type=int, default=3, help="checkpoints kept in --out")
+    ap.add_argument("--log-every", type=int,
+                    help="loss, PSNR, gradient norm and samples/s every this many steps")
     ap.add_argument("--eval-every", type=int, help="held-out PSNR and render grid every this many steps")
     ap.add_argument("--eval-data", help="full_list.txt of held-out scenes (default: test/ beside --data)")
     ap.add_argument("--eval-index", help="evaluation index of the held-out views "
@@ -1311,10 +1407,10 @@ def parse_args(argv=None):
                     help="keep decoded frames in memory (datasets that fit; with --workers 0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: the GPU when there is one")
-    ap.add_argument("--memory-budget", type=float, default=0.75,
-                    help="compiled runs: the share of each block's activations kept for backward, the "
-                    "rest recomputed (1: keep all, the fastest where it fits; 0.75 fits the paper's "
-                    "batches in 56 GiB)")
+    ap.add_argument("--memory-budget", type=budget_arg, default="auto",
+                    help="compiled runs: the share of each block's activations kept for backward, the rest "
+                    "recomputed (1: keep all, the fastest). auto: 1 where the step fits in the GPU's free "
+                    "memory, else 0.75 or 0.5, chosen at start and printed")
     ap.add_argument("--grad-checkpoint", action="store_true",
                     help="recompute every block whole in backward: the least memory, the slowest")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
