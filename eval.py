@@ -39,10 +39,12 @@ of every run, so a killed run loses only the scenes in flight.
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -266,6 +268,18 @@ def save_video(folder, frames, name="video"):
 PHOTO_FOV = 65.0  # degrees across the longer side when EXIF says nothing: a phone's main camera
 
 
+def rgb8(img):
+    """Any Pillow image -> 8-bit RGB, as the model was trained on. 16- and 32-bit integer images are
+    scaled from 0..65535, float ones from 0..1 (a plain convert would clip them to white), and
+    transparent pixels are laid over white."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        scale = 255.0 if img.mode == "F" else 1 / 257
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) * scale).round().clip(0, 255).astype(np.uint8))
+    if img.has_transparency_data:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
+
+
 def read_photo(path, fov=PHOTO_FOV):
     """A photo (JPEG or PNG, any size) -> (upright RGB image, fxfycxcy [4] in its pixels, where the
     focal length came from). EXIF orientation is applied. The focal length is EXIF's 35 mm equivalent
@@ -276,7 +290,10 @@ def read_photo(path, fov=PHOTO_FOV):
     try:
         with Image.open(path) as img:
             exif = img.getexif()
-            img = ImageOps.exif_transpose(img).convert("RGB")
+            img = rgb8(ImageOps.exif_transpose(img))
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: too large for Pillow's guard against decompression bombs ({e}); "
+                         f"downscale it first: the model reads a few hundred pixels a side") from None
     except (OSError, ValueError, SyntaxError) as e:  # Pillow's UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: not an image Pillow can read ({e})") from None
     w, h = img.size
@@ -393,13 +410,37 @@ def merge_parts(out):
         part.unlink()
 
 
-def check_run(out, ckpt, res):
-    """Refuse to mix the scores of two checkpoints or image sizes in one --out, since a rerun resumes what is there."""
-    record = {"ckpt": ckpt if ckpt in l3d.RELEASED else str(Path(ckpt).resolve()), "res": res}
+def file_digest(path):
+    """blake2b of a file's bytes: what it holds, whatever it is called."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_run(out, args, res):
+    """What a folder's scores belong to, kept in run.json: the checkpoint's bytes, the data list (its
+    place and bytes), the index's bytes and the image size. A rerun scores only the scenes not yet
+    scored, so one with any of these changed would mix two evaluations: it is refused, naming what
+    changed, unless --restart clears the folder's scores first."""
+    ckpt = l3d.CACHE_DIR / l3d.RELEASED[args.ckpt][0] if args.ckpt in l3d.RELEASED else Path(args.ckpt)
+    record = {"ckpt": args.ckpt if args.ckpt in l3d.RELEASED else str(ckpt.resolve()), "ckpt_blake2b": file_digest(ckpt),
+              "data": str(Path(args.data).resolve()), "data_blake2b": file_digest(args.data),
+              "index": str(Path(args.index).resolve()), "index_blake2b": file_digest(args.index), "res": res}
     path = out / "run.json"
-    if path.exists() and json.loads(path.read_text()) != record:
-        raise SystemExit(f"eval.py: {path} says this folder holds scores of {json.loads(path.read_text())}, "
-                         f"not of {record}; pass another --out")
+    before = json.loads(path.read_text()) if path.exists() else record
+    changed = [what for what, keys in (("checkpoint", ["ckpt_blake2b"]), ("data list", ["data", "data_blake2b"]),
+                                       ("index", ["index_blake2b"]), ("image size", ["res"]))
+               if any(before.get(k) != record[k] for k in keys)]
+    if changed and not args.restart:
+        raise ValueError(f"{path}: this folder holds the scores of another {', another '.join(changed)} "
+                         f"({', '.join(f'{k}: {before.get(k)}' for k in ('ckpt', 'data', 'index', 'res'))}); "
+                         f"pass --restart to clear them, or another --out")
+    if changed or args.restart:
+        for name in ("images.csv", "metrics.csv", "summary.json", *(p.name for p in out.glob("part.rank*.jsonl"))):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "renders", ignore_errors=True)
     l3d.write_atomic(path, json.dumps(record) + "\n")
     return record
 
@@ -443,6 +484,8 @@ def parse_args(argv=None):
     ap.add_argument("--data", help="full_list.txt of a processed test split")
     ap.add_argument("--index", help="evaluation index json (the paper's: evaluation_index_re10k.json)")
     ap.add_argument("--out", required=True, help="result folder; a rerun skips the scenes already scored there")
+    ap.add_argument("--restart", action="store_true", help="clear the scores already in --out and score "
+                    "every scene again (needed when the checkpoint, data list, index or image size changed)")
     ap.add_argument("--photos", nargs="+", metavar="IMAGE", help="two photos of one scene, A B: render a "
                     "fly-through from A's camera to B's into --out, instead of scoring --data")
     ap.add_argument("--frames", type=int, default=60, help="with --photos: frames of the fly-through")
@@ -486,7 +529,7 @@ def main(argv=None):
     out = Path(args.out)
     if rank == 0:  # only rank 0 touches the shared files, and only while the others wait
         out.mkdir(parents=True, exist_ok=True)
-        record = check_run(out, args.ckpt, cfg.image_size)
+        record = check_run(out, args, cfg.image_size)
         merge_parts(out)
     barrier()
     views, counts = l3d.index_views(args.data, args.index)
@@ -510,14 +553,15 @@ def main(argv=None):
                 model_seconds += seconds
             scored += len(batch)
             for scene, render, scene_rows in zip(batch, renders, rows):
-                part.write(json.dumps({"scene": scene["scene"], "rows": scene_rows}) + "\n")
-                part.flush()  # on disk as soon as it is scored: a killed run keeps it
                 if args.save_images:
                     save_images(out / "renders" / scene["scene"], scene, render)
                 if args.video:
                     with autocast:
                         frames = render_video(model, scene, args.video, device)
                     save_video(out / "renders" / scene["scene"], frames)
+                # recorded once its files are written: a killed run scores a scene again, renders and all
+                part.write(json.dumps({"scene": scene["scene"], "rows": scene_rows}) + "\n")
+                part.flush()
     if rendered and not args.video and not args.save_images:
         print(f"rank {rank}: rendered {rendered} views after the first batch: {rendered / model_seconds:.1f} "
               f"views/s by the model alone, {rendered / (time.time() - start):.1f} views/s with loading and "

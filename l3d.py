@@ -25,10 +25,13 @@ Render with the released weights:
 """
 
 import argparse
+import csv
 import json
 import math
 import os
 import random
+import shutil
+import signal
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -1091,11 +1094,27 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
+def tensor_bytes(obj):
+    """Bytes of all the tensors in nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return sum(tensor_bytes(x) for x in obj) if isinstance(obj, (list, tuple)) else 0
+
+
 def save_checkpoint(out, ckpt, keep):
-    """Write out/ckpt_<step>.pt through a temporary file and a rename; keep the newest `keep`."""
+    """Write out/ckpt_<step>.pt through a temporary file and a rename; keep the newest `keep`. A failed
+    write (a full disk, say) leaves no temporary file behind and says how much room it wanted."""
     path = Path(out) / f"ckpt_{ckpt['step']:07d}.pt"
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(ckpt, tmp)
+    try:
+        torch.save(ckpt, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(out).free
+        raise OSError(f"{out}: could not write {path.name} (about {tensor_bytes(ckpt) / 2 ** 30:.2f} GiB, "
+                      f"{free / 2 ** 30:.2f} GiB free): {str(e).splitlines()[0]}") from None
     os.replace(tmp, path)
     for old in sorted(Path(out).glob("ckpt_*.pt"))[:-keep]:
         old.unlink()
@@ -1112,13 +1131,85 @@ def latest_checkpoint(out):
     return None
 
 
+class StopSignals:
+    """SIGTERM, SIGUSR1 (SLURM's warning before it preempts, with sbatch --signal) and SIGINT (Ctrl-C)
+    ask the run to stop after the step in flight, save and exit; a second Ctrl-C stops at once.
+    Under torchrun the ranks agree after every step, so that all stop after the same one."""
+
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __enter__(self):
+        self.caught = 0
+        self.before = {s: signal.signal(s, self.handle) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if signum == signal.SIGINT == self.caught:
+            raise KeyboardInterrupt
+        self.caught = self.caught or signum
+
+    def agreed(self, group):
+        """-> the signal that any rank caught (0: none), the same on every rank."""
+        if group is None:
+            return self.caught
+        flag = torch.tensor([self.caught])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        return int(flag)
+
+
+def same_start(step, out, world, group):
+    """Stop every rank, with one message, unless all found the same checkpoint step: ranks that
+    resume from different steps would train apart and overwrite each other's checkpoints."""
+    if group is None:
+        return
+    starts = [None] * world
+    here = (step, str(Path(out).resolve()), os.uname().nodename)
+    torch.distributed.all_gather_object(starts, here, group=group)
+    if len({s for s, _, _ in starts}) > 1:
+        found = "; ".join(f"rank {r} on {host}: step {s} in {path}"
+                          for r, (s, path, host) in enumerate(starts))
+        raise ValueError(f"the ranks found different checkpoints ({found}); --out must be one folder that "
+                         f"every node sees")
+
+
+LOG_COLUMNS = ["step", "elapsed_s", "lr", "loss", "train_psnr", "grad_norm", "skipped", "samples_s",
+               "peak_gib", "heldout_psnr", "heldout_mean_of_context", "heldout_best_context_copy"]
+
+
+def open_log(out, step):
+    """out/log.csv, opened for appending, with the rows past `step` dropped first: a run resumed
+    from its checkpoint at `step` logs again what the stopped run logged after it, so every step
+    appears once, in order. Training rows are means since the row before."""
+    path = Path(out) / "log.csv"
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f)][1:]
+    rows = [r for r in rows if len(r) == len(LOG_COLUMNS) and r[0].isdigit() and int(r[0]) <= step]
+    write_atomic(path, "".join(",".join(r) + "\n" for r in [LOG_COLUMNS] + rows))
+    return open(path, "a")
+
+
+def heldout_line(scores):
+    return (f"held-out PSNR {scores['psnr']:.2f} dB (baselines: mean of the two context views "
+            f"{scores['mean_of_context']:.2f}, better context view copied {scores['best_context_copy']:.2f})")
+
+
 def peak_memory(device):
-    """", peak memory X GiB" since the last call, on CUDA; "" elsewhere."""
+    """The GPU's peak allocated GiB since the last call, as text ("" off CUDA)."""
     if device.type != "cuda":
         return ""
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
     torch.cuda.reset_peak_memory_stats(device)
-    return f", peak memory {peak:.2f} GiB"
+    return f"{peak:.2f}"
+
+
+def memory_note(peak):
+    return f", peak memory {peak} GiB" if peak else ""
 
 
 def to_pil(image):
@@ -1131,13 +1222,17 @@ def load_heldout(list_path, index_path, n_scenes, cfg):
     """The first n_scenes scenes of an evaluation index, loaded once -> [(ctx, ctx_k, tgt, tgt_k,
     ctx_c2w, tgt_c2w)], the cameras normalised over each scene's indexed views."""
     scenes = []
-    for _, meta, context, target in index_views(list_path, index_path)[0][:n_scenes]:
-        frames = read_scene(meta)["frames"]
-        if max(context + target) < len(frames):
+    for name, meta, context, target in index_views(list_path, index_path)[0][:n_scenes]:
+        try:
+            frames = read_scene(meta)["frames"]
+            if max(context + target) >= len(frames):
+                raise ValueError(f"the index asks for frames {context + target}, the scene has {len(frames)}")
             c2w = load_cameras(frames, context + target)
             scenes.append((*load_views(frames, context, cfg.image_size, cfg.patch_size),
                            *load_views(frames, target, cfg.image_size, cfg.patch_size),
                            c2w[:len(context)], c2w[len(context):]))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # one bad scene must not stop training
+            print0(f"held-out scene {name} skipped: {e}")
     return scenes
 
 
@@ -1180,7 +1275,7 @@ def train(args):
     cfg = model.config
     # step counts the batches trained on, and sets the schedule; updates counts those the optimizer
     # applied, the rest having been skipped for a non-finite loss or a gradient spike
-    step, updates = 0, 0
+    step, updates, elapsed = 0, 0, 0.0
     out = Path(args.out)
     if last := latest_checkpoint(out):
         path, ckpt = last
@@ -1189,15 +1284,18 @@ def train(args):
                              f"pass another --out")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        step, updates = ckpt["step"], ckpt["updates"]
+        step, updates, elapsed = ckpt["step"], ckpt["updates"], ckpt.get("elapsed", 0.0)
         print0(f"resuming from {path} at step {step}")
-    elif args.init:
+    # a CPU group beside NCCL's: the ranks agree on small things without waiting for the GPU
+    group = torch.distributed.new_group(backend="gloo") if world > 1 else None
+    same_start(step, out, world, group)
+    if step == 0 and args.init:
         init = load_model(args.init, res=cfg.image_size, config=cfg)
         if init.config != cfg:
             raise ValueError(f"{args.init}: its architecture {init.config} differs from this run's {cfg}")
         model.load_state_dict(init.state_dict())
         print0(f"initialised from {args.init} (weights only: optimizer and schedule start fresh)")
-    elif args.dinov2 != "none":
+    elif step == 0 and args.dinov2 != "none":
         load_dinov2(model, None if args.dinov2 == "download" else args.dinov2)
         print0("image tokenizer initialised from DINOv2 ViT-B/14 reg4")
     perceptual = PerceptualLoss(args.vgg).to(device) if args.perceptual > 0 else None
@@ -1213,57 +1311,71 @@ def train(args):
         scenes = load_heldout(args.eval_data, args.eval_index, args.eval_scenes, cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        log = open_log(out, step)
         print(f"config: {cfg}\ntraining: {vars(args)}\ndevice: {device}, ranks: {world}, "
               f"parameters: {sum(p.numel() for p in model.parameters()):,}, scenes: {len(data)}, "
               f"held-out scenes: {len(scenes)}", flush=True)
 
-    scores = None
+    scores, stopped = None, 0
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     it = batches(data, step, per_epoch, args, rank, world, pin_memory=device.type == "cuda")
     applied = torch.zeros((), dtype=torch.long, device=device)  # updates since start, counted on the device
     sums, since, tick, resumed_at = 0, step, time.time(), step
-    while step < args.steps:
-        lr = lr_at(step, args.lr, args.warmup, args.steps)
-        loss, train_psnr, gnorm, updated = train_step(next(it), lr)
-        step += 1
-        if rank != 0:
-            continue
-        applied += updated
-        sums = sums + torch.stack([loss, train_psnr, gnorm, (~updated).float()])
-        bar.update(1)
-        if step == resumed_at + 1:
-            bar.write(f"first step done {time.time() - started:.1f} s after start{peak_memory(device)}")
-        if step % args.log_every == 0 or step == args.steps:  # the host waits for the GPU only here
-            loss_, psnr_, gnorm_, skipped = (sums / (step - since)).tolist()
-            bar.set_postfix(loss=f"{loss_:.4f}", psnr=f"{psnr_:.2f}", lr=f"{lr:.2e}", gnorm=f"{gnorm_:.2f}",
-                            skipped=f"{skipped:.0%}",
-                            samples_s=f"{args.batch * world * (step - since) / (time.time() - tick):.1f}")
-            sums, since, tick = 0, step, time.time()
-        if scenes and (step % args.eval_every == 0 or step == args.steps):
-            peak_memory(device)  # from here on, the held-out check's own
-            checked = time.time()
-            scores = heldout(model, scenes, device, out / f"heldout_{step:07d}.png")
-            bar.write(f"step {step}: held-out PSNR {scores['psnr']:.2f} dB (mean of context "
-                      f"{scores['mean_of_context']:.2f}, best context copy "
-                      f"{scores['best_context_copy']:.2f}); "
-                      f"{time.time() - checked:.1f} s{peak_memory(device)}")
-            tick += time.time() - checked  # samples/s counts training time only
-        if step % args.save_every == 0 or step == args.steps:
-            ckpt = {"model": model.state_dict(), "config": asdict(cfg), "optimizer": opt.state_dict(),
-                    "step": step, "updates": updates + int(applied), "args": vars(args)}
-            saving = time.time()
-            bar.write(f"saved {save_checkpoint(out, ckpt, args.keep)}")
-            tick += time.time() - saving
+    with StopSignals() as stop:
+        while step < args.steps and not stopped:
+            lr = lr_at(step, args.lr, args.warmup, args.steps)
+            loss, train_psnr, gnorm, updated = train_step(next(it), lr)
+            step += 1
+            stopped = stop.agreed(group)
+            if rank != 0:
+                continue
+            applied += updated
+            sums = sums + torch.stack([loss, train_psnr, gnorm, (~updated).float()])
+            bar.update(1)
+            if step == resumed_at + 1:
+                bar.write(f"first step done {time.time() - started:.1f} s after start"
+                          f"{memory_note(peak_memory(device))}")
+            last = step == args.steps or stopped
+            check = scenes and (step % args.eval_every == 0 or step == args.steps)
+            if step % args.log_every == 0 or check or last:  # the host waits for the GPU only at these steps
+                loss_, psnr_, gnorm_, skipped = (sums / (step - since)).tolist()
+                samples_s = args.batch * world * (step - since) / (time.time() - tick)
+                bar.set_postfix(loss=f"{loss_:.4f}", psnr=f"{psnr_:.2f}", lr=f"{lr:.2e}",
+                                gnorm=f"{gnorm_:.2f}", skipped=f"{skipped:.0%}", samples_s=f"{samples_s:.1f}")
+                row = {"step": step, "elapsed_s": f"{elapsed + time.time() - started:.1f}", "lr": f"{lr:.4g}",
+                       "loss": f"{loss_:.5f}", "train_psnr": f"{psnr_:.3f}", "grad_norm": f"{gnorm_:.4f}",
+                       "skipped": round(skipped * (step - since)), "samples_s": f"{samples_s:.2f}",
+                       "peak_gib": peak_memory(device)}
+                sums, since = 0, step
+                if check:
+                    checked = time.time()
+                    scores = heldout(model, scenes, device, out / f"heldout_{step:07d}.png")
+                    bar.write(f"step {step}: {heldout_line(scores)}; {time.time() - checked:.1f} s"
+                              f"{memory_note(peak_memory(device))}")
+                    row |= {f"heldout_{k}": f"{v:.3f}" for k, v in scores.items()}
+                log.write(",".join(str(row.get(c, "")) for c in LOG_COLUMNS) + "\n")
+                log.flush()
+                tick = time.time()  # samples/s counts training time only
+            if step % args.save_every == 0 or last:
+                ckpt = {"model": model.state_dict(), "config": asdict(cfg), "optimizer": opt.state_dict(),
+                        "step": step, "updates": updates + int(applied),
+                        "elapsed": elapsed + time.time() - started, "args": vars(args)}
+                bar.write(f"saved {save_checkpoint(out, ckpt, args.keep)}")
+                tick = time.time()
     bar.close()
     minutes, seconds = divmod(round(time.time() - started), 60)
-    print0(f"done: step {step} of {args.steps} in {minutes} min {seconds} s of wall-clock time")
-    if scores:  # what a teacher needs to see: did it learn more than copying a photo would give?
-        gain = scores["psnr"] - scores["best_context_copy"]
-        print0(f"held-out PSNR {scores['psnr']:.2f} dB; baselines: mean of the two context views "
-               f"{scores['mean_of_context']:.2f} dB, better context view copied "
-               f"{scores['best_context_copy']:.2f} dB ({gain:+.2f} dB)")
+    if stopped:
+        print0(f"stopped by {signal.Signals(stopped).name} after step {step} of {args.steps}, saved; "
+               f"the same command resumes there")
+    else:
+        print0(f"done: step {step} of {args.steps} in {minutes} min {seconds} s of wall-clock time")
+        if scores:  # what a teacher needs to see: did it learn more than copying a photo would give?
+            print0(f"{heldout_line(scores)}: {scores['psnr'] - scores['best_context_copy']:+.2f} dB over "
+                   f"the better context view copied")
     if world > 1:
         torch.distributed.destroy_process_group()
+    if stopped:
+        raise SystemExit(128 + stopped)  # the shell's exit code for a process ended by that signal
 
 
 def model_flops(cfg, v_ctx=2, v_tgt=6):
@@ -1430,6 +1542,10 @@ def parse_args(argv=None):
         ap.error(f"--res 518 fine-tunes the 224 model, and with nothing in {args.out} to resume and no "
                  f"--init it would start from noise: pass the 224 weights (--init runs/x224/ckpt_0100000.pt, "
                  f"or --init x224 for the released ones), or --init none to mean it")
+    for flag in ("batch", "steps", "save_every", "eval_every", "log_every"):
+        if getattr(args, flag) <= 0:
+            ap.error(f"--{flag.replace('_', '-')} must be a positive number of "
+                     f"{'samples' if flag == 'batch' else 'steps'}, not {getattr(args, flag)}")
     if args.init == "none":
         args.init = None
     args.eval_data = args.eval_data or str(Path(args.data).parent.parent / "test" / "full_list.txt")
@@ -1439,7 +1555,12 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
-    if args.bench:
-        bench(args)
-    else:
-        train(args)
+    try:
+        if args.bench:
+            bench(args)
+        else:
+            train(args)
+    except (FileNotFoundError, ValueError, OSError) as e:  # the message names the file and the problem
+        raise SystemExit(f"l3d.py: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("l3d.py: stopped by a second Ctrl-C, without saving") from None

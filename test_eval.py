@@ -232,8 +232,56 @@ def test_rerun_skips_scored_scenes_and_keeps_what_a_killed_run_left(tiny_run, tm
     assert summary["scenes"] == 5 and summary["images"] == 15 and summary["scored_now"] == 1  # s3 only
     assert summary["psnr"] == pytest.approx(np.mean([float(line.split(",")[2]) for line in again[1:]]), abs=1e-9)
     assert not list(out.glob("part.rank*"))
-    with pytest.raises(SystemExit, match="another --out"):  # another image size: not mixed into these scores
+    with pytest.raises(ValueError, match="another image size"):  # not mixed into these scores
         ev.main(args + ["--out", str(out), "--res", "48"])
+
+
+def test_scores_of_another_checkpoint_index_or_list_are_refused_then_restarted(tiny_run, tmp_path):
+    args, out = tiny_run["args"], tmp_path / "out"
+    ckpt = Path(args[args.index("--ckpt") + 1])
+    moved = tmp_path / "same.pt"  # the same bytes under another name: the same scores
+    shutil.copy(ckpt, moved)
+    first = ev.main(args + ["--out", str(out)])
+    assert ev.main([*args, "--out", str(out), "--ckpt", str(moved)])["scored_now"] == 0
+    # a new checkpoint saved over the old path: its scores must not be the old ones
+    other = tiny_model(seed=1)
+    torch.save({"model": other.state_dict(), "config": asdict(other.config)}, moved)
+    with pytest.raises(ValueError, match="another checkpoint.*--restart"):
+        ev.main([*args, "--out", str(out), "--ckpt", str(moved)])
+    index = Path(args[args.index("--index") + 1])
+    changed = json.loads(index.read_text()) | {"s4": {"context": [5, 0], "target": [1, 2, 3]}}
+    (tmp_path / "index.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="another index"):
+        ev.main([*args, "--out", str(out), "--index", str(tmp_path / "index.json")])
+    shutil.copytree(Path(tiny_run["data"]).parent, tmp_path / "copy")
+    (tmp_path / "copy" / "full_list.txt").write_text("metadata/s0.json\n")
+    with pytest.raises(ValueError, match="another data list"):
+        ev.main([*args, "--out", str(out), "--data", str(tmp_path / "copy" / "full_list.txt")])
+    fresh = ev.main([*args, "--out", str(tmp_path / "fresh"), "--ckpt", str(moved)])
+    again = ev.main([*args, "--out", str(out), "--ckpt", str(moved), "--restart"])
+    assert again["scored_now"] == 5 and again["psnr"] == pytest.approx(fresh["psnr"], abs=1e-9)
+    assert abs(again["psnr"] - first["psnr"]) > 1e-3  # another model scored: the old scores are gone
+
+
+def test_a_scene_counts_as_scored_only_once_its_video_is_written(tiny_run, tmp_path, monkeypatch):
+    args, out = tiny_run["args"], tmp_path / "out"
+    real = ev.save_video
+    calls = []
+
+    def dies_at_the_second(folder, frames, name="video"):
+        calls.append(folder.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run killed while writing the second scene's video
+        return real(folder, frames, name)
+    monkeypatch.setattr(ev, "save_video", dies_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(args + ["--out", str(out), "--video", "3"])
+    recorded = [json.loads(line)["scene"] for line in (out / "part.rank0.jsonl").read_text().splitlines()]
+    assert recorded == calls[:1]  # the first scene, whose video is on disk; not the second
+    monkeypatch.setattr(ev, "save_video", real)
+    summary = ev.main(args + ["--out", str(out), "--video", "3"])
+    assert summary["scored_now"] == 4 and all((out / "renders" / f"s{i}" / "video.webp").exists() or
+                                              (out / "renders" / f"s{i}" / "video.gif").exists() for i in range(5))
 
 
 def same_rows(a, b):
@@ -339,6 +387,32 @@ def test_photo_exif_orientation_and_focal_length(tmp_path):
     write_photo(tmp_path / "plain.png", 120, 90)
     _, fxfycxcy, source = ev.read_photo(tmp_path / "plain.png", fov=90.0)
     assert fxfycxcy == pytest.approx([60.0, 60.0, 60.0, 45.0]) and "--fov 90" in source
+
+
+def test_16_bit_float_and_transparent_photos_read_as_their_8_bit_copies(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (30, 40), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "gray8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")  # 0..255 -> 0..65535
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    Image.fromarray(gray.astype(np.float32) / 255).save(tmp_path / "float.tiff")
+    eight = np.asarray(ev.read_photo(tmp_path / "gray8.png")[0])
+    assert np.array_equal(eight, np.repeat(gray[..., None], 3, -1))
+    for name in ("gray16.png", "float.tiff"):
+        assert np.array_equal(np.asarray(ev.read_photo(tmp_path / name)[0]), eight), name
+    # transparent pixels over white, opaque ones as they are
+    rgba = np.concatenate([rng.integers(0, 256, (30, 40, 3), dtype=np.uint8),
+                           np.where(np.arange(40) < 20, 255, 0).astype(np.uint8)[None, :, None].repeat(30, 0)], -1)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    img = np.asarray(ev.read_photo(tmp_path / "cutout.png")[0])
+    assert np.array_equal(img[:, :20], rgba[:, :20, :3]) and np.all(img[:, 20:] == 255)
+
+
+def test_a_photo_past_pillows_size_guard_is_named(tmp_path, monkeypatch):
+    write_photo(tmp_path / "huge.png", 120, 90)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 120 x 90 is over twice that: Pillow refuses it
+    with pytest.raises(ValueError, match="huge.png: too large for Pillow's guard"):
+        ev.read_photo(tmp_path / "huge.png")
 
 
 def test_portrait_photo_is_cropped_in_height(tmp_path):

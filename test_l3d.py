@@ -1,6 +1,7 @@
 """Tests of l3d.py, on the CPU with tiny configs, and a few on a CUDA GPU where there is one. Every
 check compares against maths written here or against the same computation done another way."""
 
+import csv
 import functools
 import http.server
 import json
@@ -640,32 +641,51 @@ def l3d_command(data, out, steps, *extra):
             "--device", "cpu", *extra]
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+def log_steps(out):
+    with open(out / "log.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:4] == ["step", "elapsed_s", "lr", "loss"]
+    return [int(r[0]) for r in rows[1:]]
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGUSR1", "SIGINT"])
+def test_stopped_then_resumed_matches_an_uninterrupted_run(tmp_path, sig):
     data = write_scenes(tmp_path / "train", {f"scene{s:03d}": 30 for s in range(6)})
     steps = 30
     subprocess.run(l3d_command(data, tmp_path / "straight", steps), check=True, capture_output=True)
-    cmd = l3d_command(data, tmp_path / "killed", steps)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = l3d_command(data, tmp_path / "stopped", steps, "--log-every", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not list((tmp_path / "killed").glob("ckpt_*.pt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first = sorted((tmp_path / "killed").glob("ckpt_*.pt"))
-    assert first and int(first[-1].stem.split("_")[1]) < steps, "the kill came too late to test anything"
-    for path in first:  # whatever the kill interrupted, every checkpoint on disk loads
+    while time.time() < deadline and proc.poll() is None:  # a few steps in, mid-run
+        if (tmp_path / "stopped" / "log.csv").exists() and len(log_steps(tmp_path / "stopped")) >= 4:
+            break
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    stdout, _ = proc.communicate(timeout=60)
+    saved = sorted((tmp_path / "stopped").glob("ckpt_*.pt"))
+    stopped_at = int(saved[-1].stem.split("_")[1])
+    assert saved and stopped_at < steps, "the signal came too late to test anything"
+    if sig != "SIGKILL":  # the run finishes its step, saves it, says so, and exits as the signal would
+        assert proc.returncode == 128 + getattr(signal, sig)
+        assert f"stopped by {sig} after step {stopped_at}" in stdout
+        assert log_steps(tmp_path / "stopped")[-1] == stopped_at  # not one step lost
+        assert not list((tmp_path / "stopped").glob("*.tmp"))
+    for path in saved:  # whatever the signal interrupted, every checkpoint on disk loads
         torch.load(path, weights_only=True)
     resumed = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    assert f"resuming from {first[-1]}" in resumed.stdout
+    assert f"resuming from {saved[-1]}" in resumed.stdout
     a = torch.load(tmp_path / "straight" / f"ckpt_{steps:07d}.pt", weights_only=True)
-    b = torch.load(tmp_path / "killed" / f"ckpt_{steps:07d}.pt", weights_only=True)
-    assert a["step"] == b["step"] == steps
+    b = torch.load(tmp_path / "stopped" / f"ckpt_{steps:07d}.pt", weights_only=True)
+    assert a["step"] == b["step"] == steps and a["updates"] == b["updates"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for i, s in a["optimizer"]["state"].items():
         assert torch.equal(s["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
         assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
-    assert len(list((tmp_path / "killed").glob("ckpt_*.pt"))) <= 3  # --keep
+    assert len(list((tmp_path / "stopped").glob("ckpt_*.pt"))) <= 3  # --keep
+    logged = log_steps(tmp_path / "stopped")  # the rows past the checkpoint were dropped, then logged again
+    assert logged == sorted(set(logged)) and logged[-1] == steps
+    assert set(range(1, steps + 1)) <= set(logged)
 
 
 def test_init_takes_weights_only_from_a_release_file(tmp_path):
@@ -701,6 +721,93 @@ def test_518_needs_the_224_weights_or_says_why_not(tmp_path, capsys):
     (out / "ckpt_0004000.pt").touch()  # a run to resume: no --init needed
     assert l3d.parse_args(["--res", "518", "--out", str(out)]).init is None
     assert l3d.parse_args(["--res", "224", "--out", str(tmp_path / "x224")]).init is None  # 224 starts from DINOv2
+
+
+def two_nodes(tmp_path, *args, outs):
+    """The README's several-node launch, two "nodes" of one process each on 127.0.0.1 (c10d
+    rendezvous, gloo): -> the two finished processes. outs: each node's --out."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                               "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                               "--rdzv_id", f"l3d{port}", *map(str, args), "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for out in outs]
+    for proc in procs:
+        proc.output = proc.communicate(timeout=240)[0]
+    return procs
+
+
+def test_two_nodes_train_as_one_and_refuse_to_resume_from_different_steps(tmp_path):
+    data = write_scenes(tmp_path / "train", {f"scene{s:03d}": 30 for s in range(8)})
+    run = tmp_path / "run"
+    args = l3d_command(data, run, 4)[2:]
+    i = args.index("--out")
+    args = args[:i] + args[i + 2:]
+    procs = two_nodes(tmp_path, REPO / "test_l3d.py", tmp_path / "log", *args, outs=[run, run])
+    assert all(p.returncode == 0 for p in procs), procs[0].output[-2000:]
+    for rank in (0, 1):
+        rows = [line.split() for line in (tmp_path / f"log{rank}").read_text().splitlines()]
+        assert len(rows) == 4 and all(float(diff) == 0.0 for diff, _ in rows)  # identical after every step
+    # each node given its own --out: one holds the run's step 3, the other nothing
+    other = tmp_path / "other"
+    other.mkdir()
+    start = time.time()
+    procs = two_nodes(tmp_path, REPO / "l3d.py", *args[:args.index("--steps") + 1], "8",
+                      *args[args.index("--steps") + 2:], outs=[run, other])
+    assert time.time() - start < 120  # no hang
+    for proc in procs:
+        assert proc.returncode != 0
+        assert "--out must be one folder that every node sees" in proc.output
+        assert "step 4 in " + str(run.resolve()) in proc.output and "step 0 in " + str(other.resolve()) in proc.output
+        assert "Traceback" not in proc.output.split("l3d.py: the ranks")[0][-300:]
+    assert not list(other.glob("ckpt_*.pt")) and max(run.glob("ckpt_*.pt")).name == "ckpt_0000004.pt"
+
+
+def test_bad_arguments_are_refused(capsys):
+    for flag, value in (("--batch", "0"), ("--steps", "-5"), ("--save-every", "0"), ("--eval-every", "0"),
+                        ("--log-every", "0")):
+        with pytest.raises(SystemExit):
+            l3d.parse_args(["--tiny", flag, value])
+        assert f"{flag} must be a positive number" in capsys.readouterr().err
+
+
+def test_a_failed_save_leaves_no_temporary_file_and_says_why(tmp_path, monkeypatch):
+    model = tiny_model()
+    ckpt = {"model": model.state_dict(), "step": 3}
+    l3d.save_checkpoint(tmp_path, ckpt, keep=3)
+
+    def full_disk(obj, path):  # what torch.save does on a full disk: half a file, then an error
+        Path(path).write_bytes(b"PK" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/12: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as e:
+        l3d.save_checkpoint(tmp_path, {**ckpt, "step": 6}, keep=3)
+    size = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    assert str(tmp_path) in str(e.value) and f"about {size / 2 ** 30:.2f} GiB" in str(e.value)
+    assert "GiB free" in str(e.value) and "file write failed" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000003.pt"]  # nothing half-written, the old one kept
+
+
+def test_unreadable_heldout_scene_is_skipped_and_named(tmp_path, capsys):
+    write_scenes(tmp_path / "test", {f"scene{s}": 30 for s in range(3)})
+    index = {f"scene{s}": {"context": [0, 29], "target": [10, 15, 20]} for s in range(3)}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    (tmp_path / "test" / "images" / "scene1" / "00015.png").write_bytes(b"not a png")
+    scenes = l3d.load_heldout(tmp_path / "test" / "full_list.txt", tmp_path / "index.json", 32, l3d.Config.tiny())
+    assert len(scenes) == 2 and "held-out scene scene1 skipped" in capsys.readouterr().out
+
+
+def test_errors_print_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "l3d.py"), "--tiny", "--data", str(tmp_path / "absent.txt"),
+                          "--out", str(tmp_path / "run"), "--device", "cpu"], capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(f"l3d.py: {tmp_path / 'absent.txt'}: no such list file")
 
 
 def ddp_probe(log, argv):
