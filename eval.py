@@ -33,8 +33,10 @@ What lands in --out:
     renders/      with --save-images and --video: context strip, target | render pairs, a video
 With --no-lpips the lpips columns read nan and summary.json has "lpips": null. A rerun with the
 same --out scores only the scenes not yet in images.csv: every process appends each finished
-scene to its own part file, and the part files are merged into the CSVs at the start and the end
-of every run, so a killed run loses only the scenes in flight.
+scene (its renders written) to its own part file, and the part files are merged into the CSVs at
+the start and the end of every run, so a killed run loses only the scenes in flight. run.json
+holds what the scores belong to (checkpoint, data list, index, image size); a rerun with any of
+them changed is refused unless --restart clears the folder's scores.
 """
 
 import argparse
