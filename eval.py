@@ -26,8 +26,9 @@ l3d checkpoints record their image size, so --res can be left out:
         --index data/synthetic/test/evaluation_index.json --out runs/tiny/eval --no-lpips
 
 What lands in --out:
-    images.csv    scene,view,psnr,ssim,lpips   one row per target image (view: its frame number)
-    metrics.csv   scene,psnr,ssim,lpips        one row per scene: means over its targets
+    images.csv    scene,view,psnr,ssim,lpips,pose_rotation_error_deg,pose_translation_error_deg
+                  one row per target image (view: its frame number)
+    metrics.csv   scene,psnr,ssim,lpips,pose_...   one row per scene: means over its targets
     summary.json  means over all target images, counts of scenes scored (scored_now: by the last run)
                   and of index entries skipped
     renders/      with --save-images and --video: context strip, target | render pairs, a video
@@ -190,6 +191,8 @@ class IndexedScenes(torch.utils.data.Dataset):
             item["tgt_images"], item["tgt_fxfycxcy"] = l3d.load_views(frames, target, self.res, self.patch)
             c2w = l3d.load_cameras(frames, context + target)  # PT-LVSM's: normalised over the indexed views
             item["ctx_c2w"], item["tgt_c2w"] = c2w[:len(context)], c2w[len(context):]
+            w2c = torch.tensor([frames[i]["w2c"] for i in context + target], dtype=torch.float64)
+            item["c2w"] = torch.linalg.inv(w2c)  # [2 + v, 4, 4], as the dataset has them: for the pose error
         except (OSError, ValueError, KeyError, TypeError) as e:
             return {**item, "skip": "unreadable", "why": str(e)}
         return item
@@ -222,25 +225,48 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def pose_errors(p0, pt, c0, ct):
+    """How far the model's cameras are from the dataset's, in degrees, float64. p0 [b, 1, 4, 4] and
+    pt [b, v, 4, 4]: the camera-to-world matrices the model estimates for context view 0 and for the
+    targets; c0, ct: the dataset's. Both sides are taken relative to context view 0, the frame
+    UP-LVSM works in: E = P0^-1 Pt, G = C0^-1 Ct -> (the angle of E_R^T G_R, the angle between E_t
+    and G_t), each [b, v]. Translations are compared by direction only, the model's scale being its
+    own; NaN where the true camera did not move (|G_t| < 1e-6)."""
+    e, g = torch.linalg.inv(p0) @ pt, torch.linalg.inv(c0) @ ct  # [b, v, 4, 4]
+    r = e[..., :3, :3].transpose(-1, -2) @ g[..., :3, :3]
+    cos = ((r.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)  # trace = 1 + 2 cos(angle)
+    et, gt = e[..., :3, 3], g[..., :3, 3]
+    translation = torch.atan2(torch.linalg.cross(et, gt).norm(dim=-1), (et * gt).sum(-1))
+    translation = torch.where(gt.norm(dim=-1) < 1e-6, math.nan, translation)
+    return torch.rad2deg(torch.arccos(cos)), torch.rad2deg(translation)
+
+
 @torch.no_grad()
 def score(model, batch, device, autocast, lpips_net):
     """A batch of b loaded scenes -> renders [b, v, 3, R, R] float32, per scene rows [frame number,
-    psnr, ssim, lpips] for each of its v targets, and the seconds the model took."""
+    *METRICS] for each of its v targets, and the seconds the model took to render."""
     ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w = (
         torch.stack([s[key] for s in batch]).to(device)
         for key in ("ctx_images", "ctx_fxfycxcy", "tgt_images", "tgt_fxfycxcy", "ctx_c2w", "tgt_c2w"))
     synchronize(device)
     start = time.time()
     with autocast:
-        render, _ = model(ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w)
+        render, pose = model(ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w)
     synchronize(device)
     seconds = time.time() - start
     render = render.float()
     b, v = tgt.shape[:2]
     pred, gt = render.flatten(0, 1), tgt.flatten(0, 1)  # [b, v, 3, R, R] -> [b*v, 3, R, R]
     lp = lpips_net(gt, pred, normalize=True).flatten() if lpips_net else torch.full((b * v,), math.nan, device=device)  # [b*v, 1, 1, 1] -> [b*v]
-    values = torch.stack([l3d.psnr(pred, gt), ssim(pred, gt), lp.double()], -1).reshape(b, v, 3).tolist()  # [b*v, 3] -> [b, v, 3]
-    rows = [[[f, *m] for f, m in zip(s["target"], ms)] for s, ms in zip(batch, values)]
+    errors = torch.full((2, b, v), math.nan, dtype=torch.float64)
+    if pose is not None:  # UP-LVSM: context view 0 through the pose estimator too (untimed), as the targets went
+        with autocast:
+            pose0 = model.estimate_pose(model.encode(ctx, ctx_k), ctx[:, :1])  # [b, 1, 7]
+        c2w = torch.stack([s["c2w"] for s in batch])  # [b, 2 + v, 4, 4], the dataset's, float64
+        p0, pt = (l3d.pose_to_c2w(p.double().cpu()) for p in (pose0, pose))
+        errors = torch.stack(pose_errors(p0, pt, c2w[:, :1], c2w[:, 2:]))
+    values = torch.stack([l3d.psnr(pred, gt).cpu(), ssim(pred, gt).cpu(), lp.double().cpu(), *errors.flatten(1)], -1)
+    rows = [[[f, *m] for f, m in zip(s["target"], ms)] for s, ms in zip(batch, values.reshape(b, v, -1).tolist())]
     return render, rows, seconds
 
 
@@ -369,6 +395,9 @@ def render_photos(args, photos, model, device):
 # Result files: per-process part files merged into images.csv and metrics.csv
 
 
+METRICS = ["psnr", "ssim", "lpips", "pose_rotation_error_deg", "pose_translation_error_deg"]
+
+
 def csv_text(header, rows):
     """Rows -> CSV text, floats with 6 decimals (plenty for metrics reported to 2 or 3)."""
     text = io.StringIO()
@@ -379,16 +408,17 @@ def csv_text(header, rows):
 
 
 def read_images_csv(path):
-    """images.csv -> {scene: [[frame number, psnr, ssim, lpips], ...]} ({} when there is none yet)."""
+    """images.csv -> {scene: [[frame number, *METRICS], ...]} ({} when there is none yet)."""
     if not path.exists():
         return {}
     scenes = {}
     with open(path, newline="") as f:
         for n, row in enumerate(csv.DictReader(f), start=2):
             try:
-                scenes.setdefault(row["scene"], []).append([int(row["view"]), float(row["psnr"]), float(row["ssim"]), float(row["lpips"])])
+                scenes.setdefault(row["scene"], []).append([int(row["view"])] + [float(row[k]) for k in METRICS])
             except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: line {n} is not 'scene,view,psnr,ssim,lpips'; move the file away to score from scratch") from None
+                raise ValueError(f"{path}: line {n} is not 'scene,view,{','.join(METRICS)}'; rerun with "
+                                 f"--restart to score from scratch") from None
     return scenes
 
 
@@ -404,10 +434,10 @@ def merge_parts(out):
                 continue
             scenes.setdefault(record["scene"], record["rows"])
     names = sorted(scenes)
-    l3d.write_atomic(out / "images.csv", csv_text(["scene", "view", "psnr", "ssim", "lpips"],
+    l3d.write_atomic(out / "images.csv", csv_text(["scene", "view", *METRICS],
                                               [[s, *row] for s in names for row in scenes[s]]))
-    l3d.write_atomic(out / "metrics.csv", csv_text(["scene", "psnr", "ssim", "lpips"],
-                                               [[s, *np.mean([row[1:] for row in scenes[s]], 0).tolist()] for s in names]))
+    l3d.write_atomic(out / "metrics.csv", csv_text(["scene", *METRICS],
+                                               [[s, *nanmean([row[1:] for row in scenes[s]])] for s in names]))
     for part in parts:
         part.unlink()
 
@@ -447,12 +477,19 @@ def check_run(out, args, res):
     return record
 
 
+def nanmean(rows):
+    """Column means of rows of numbers, NaN left out (a camera that did not move has no translation
+    direction); NaN where a column holds nothing else (no LPIPS, no pose for PT-LVSM)."""
+    values = np.array(rows, dtype=np.float64).reshape(-1, len(METRICS))
+    counts = (~np.isnan(values)).sum(0)
+    return [float(np.nansum(c) / n) if n else math.nan for c, n in zip(values.T, counts)]
+
+
 def summarize(out, counts, record):
     """summary.json from images.csv: means over every target image scored in any run, and the counts."""
     scenes = read_images_csv(out / "images.csv")
-    values = np.array([row[1:] for rows in scenes.values() for row in rows]).reshape(-1, 3)  # [images, 3]
-    means = values.mean(0).tolist() if len(values) else [math.nan] * 3
-    summary = {name: None if math.isnan(m) else m for name, m in zip(("psnr", "ssim", "lpips"), means)}
+    values = [row[1:] for rows in scenes.values() for row in rows]  # [images, metrics]
+    summary = {name: None if math.isnan(m) else m for name, m in zip(METRICS, nanmean(values))}
     summary |= {"scenes": len(scenes), "images": len(values), **counts, **record}
     l3d.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

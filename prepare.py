@@ -14,8 +14,10 @@ finished scenes are skipped.
     python prepare.py re10k --src /data/re10k_pixelsplat --out data/re10k
     python prepare.py re10k --src /data/re10k_pixelsplat --out data/re10k --split test --png --workers 32
 
-Generated rooms for training on a laptop CPU (about 2 minutes on 2 cores), with
-test/evaluation_index.json in the official index's format:
+Generated rooms for training on a laptop CPU (under a minute on 2 cores), with
+test/evaluation_index.json in the official index's format, test/extrapolation_index.json (every
+target outside the context pair) and the data-scaling lists train/little, medium, large_list.txt
+(the first 1/64, 1/16 and 1/4 of the training scenes):
     python prepare.py synthetic
     python prepare.py synthetic --out data/synthetic --size 56x32 --train-scenes 400 --test-scenes 40 --seed 0
 """
@@ -429,6 +431,36 @@ def make_scene(job):
     return n
 
 
+def extrapolation_index(rng, names, n, reach=12):
+    """{scene: {"context": [i, j], "target": [a, b, c]}} with every target outside i..j, up to `reach`
+    frames before i or after j: the release's extrapolation.json, in miniature. Same scenes nulled
+    as in evaluation_index."""
+    index = {}
+    for k, name in enumerate(names):
+        if k % 20 == 19:
+            index[name] = None
+            continue
+        gap = int(rng.integers(min(25, n - 4), min(35, n - 4) + 1))  # room for 3 targets outside
+        i = int(rng.integers(0, n - gap))
+        outside = [f for f in range(i - reach, i + gap + 1 + reach) if 0 <= f < n and not i <= f <= i + gap]
+        targets = sorted(int(x) for x in rng.choice(outside, 3, replace=False))
+        index[name] = {"context": [i, i + gap], "target": targets}
+    return index
+
+
+def write_synthetic_scaling_lists(split_dir):
+    """little/medium/large_list.txt beside full_list.txt: the first 1/64, 1/16 and 1/4 of the scenes in
+    name order, nested, as prepare.py re10k nests its chunks -> {size: scenes}. A size that would
+    hold no scene is left out (0)."""
+    metas = sorted((split_dir / "metadata").glob("*.json"))
+    sizes = {}
+    for size, share in (("little", 64), ("medium", 16), ("large", 4)):
+        sizes[size] = len(metas) // share
+        if sizes[size]:
+            write_list(split_dir / f"{size}_list.txt", metas[:sizes[size]])
+    return sizes
+
+
 def evaluation_index(rng, names, n):
     """{scene: {"context": [i, j], "target": [a, b, c]}} with the targets in the middle half of i..j.
 
@@ -473,10 +505,14 @@ def make_synthetic(out="data/synthetic", size=(56, 32), frames=60, train_scenes=
     n_frames = sum(run_parallel(make_scene, jobs, workers, "scenes"))
     for split in names:
         write_full_list(out / split)
+    sizes = write_synthetic_scaling_lists(out / "train")
     index = evaluation_index(np.random.default_rng((seed, 2)), names["test"], frames)
     l3d.write_atomic(out / "test" / "evaluation_index.json", json.dumps(index, indent=1))
+    index = extrapolation_index(np.random.default_rng((seed, 3)), names["test"], frames)
+    l3d.write_atomic(out / "test" / "extrapolation_index.json", json.dumps(index, indent=1))
     print(f"generated {len(jobs)} scenes ({n_frames} frames of {w}x{h}) in {time.time() - start:.1f} s "
-          f"into {out}/train and {out}/test")
+          f"into {out}/train and {out}/test; training sizes little, medium, large, full: "
+          f"{', '.join(str(n) for n in sizes.values())}, {train_scenes}")
 
 
 # -----------------------------------------------------------------------------

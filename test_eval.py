@@ -109,6 +109,34 @@ def axis_angle_quat(axis, angle):
     return torch.tensor([*(axis * math.sin(angle / 2)), math.cos(angle / 2)], dtype=torch.float64)
 
 
+def test_pose_errors_of_a_known_pair_of_cameras():
+    # the dataset's cameras: context view 0 anywhere, the target 0.5 m along its own x axis and turned
+    # 20 degrees about y; the model's: another frame altogether (its own world), the target turned
+    # 20 + 7 degrees about the same axis and moved along a direction 30 degrees off in the x-z plane
+    rng = np.random.default_rng(0)
+
+    def c2w(rotation, translation):
+        m = np.eye(4)
+        m[:3, :3], m[:3, 3] = rotation, translation
+        return m
+
+    def about_y(deg):
+        r = math.radians(deg)
+        return np.array([[math.cos(r), 0, math.sin(r)], [0, 1, 0], [-math.sin(r), 0, math.cos(r)]])
+    world = c2w(np.linalg.qr(rng.normal(size=(3, 3)))[0], rng.normal(size=3))
+    world[:3, :3] *= np.sign(np.linalg.det(world[:3, :3]))
+    c0 = world @ c2w(np.eye(3), [0, 0, 0])
+    ct = c0 @ c2w(about_y(20), [0.5, 0, 0])
+    p0 = c2w(about_y(-40), [1.0, 2.0, 3.0])  # the model's frame has nothing to do with the dataset's
+    direction = [math.cos(math.radians(30)), 0, math.sin(math.radians(30))]
+    pt = p0 @ c2w(about_y(27), 3.7 * np.array(direction))  # another scale: only the direction counts
+    still = c0 @ c2w(about_y(-10), [0, 0, 0])  # a target that turned without moving
+    to = lambda *ms: torch.tensor(np.stack(ms), dtype=torch.float64)[None]  # [1, k, 4, 4]
+    rot, trans = ev.pose_errors(to(p0), to(pt, pt), to(c0), to(ct, still))
+    np.testing.assert_allclose(rot[0].numpy(), [7.0, 37.0], atol=1e-9)
+    assert trans[0, 0].item() == pytest.approx(30.0, abs=1e-9) and math.isnan(trans[0, 1].item())
+
+
 def test_slerp_known_rotations():
     z = [0, 0, 1]
     half = ev.slerp(axis_angle_quat(z, 0.0), axis_angle_quat(z, math.pi / 2), torch.tensor(0.5, dtype=torch.float64))
@@ -182,11 +210,12 @@ def test_end_to_end(tiny_run):
         {"scenes": 5, "images": 15, "scored_now": 5, "index_null": 2, "missing": 1, "out_of_range": 1, "unreadable": 1}
     assert summary["lpips"] is None and json.loads((out / "summary.json").read_text()) == summary
     header, images = read_csv(out / "images.csv")
-    assert header == "scene,view,psnr,ssim,lpips"
+    assert header == "scene,view,psnr,ssim,lpips,pose_rotation_error_deg,pose_translation_error_deg"
     assert [r[:2] for r in images[:6]] == [["s0", "3"], ["s0", "1"], ["s0", "2"], ["s1", "3"], ["s1", "1"], ["s1", "2"]]
     assert all(r[4] == "nan" for r in images)
     header, scenes = read_csv(out / "metrics.csv")
-    assert header == "scene,psnr,ssim,lpips" and [r[0] for r in scenes] == ["s0", "s1", "s2", "s3", "s4"]
+    assert header == "scene,psnr,ssim,lpips,pose_rotation_error_deg,pose_translation_error_deg"
+    assert [r[0] for r in scenes] == ["s0", "s1", "s2", "s3", "s4"]
     values = np.array([[float(x) for x in r[2:4]] for r in images])  # [15, 2]
     np.testing.assert_allclose([[float(x) for x in r[1:3]] for r in scenes], values.reshape(5, 3, 2).mean(1), atol=1e-6)
     assert summary["psnr"] == pytest.approx(values[:, 0].mean(), abs=1e-9)
@@ -203,6 +232,19 @@ def test_end_to_end(tiny_run):
     mse = ((render.double().clamp(0, 1) - tgt.double()) ** 2).flatten(1).mean(1)  # [3, 3, R, R] -> [3, 3*R*R] -> [3]
     np.testing.assert_allclose(values[9:12, 0], (-10 * torch.log10(mse)).numpy(), atol=2e-6)
     np.testing.assert_allclose(values[9:12, 1], ev.ssim(render, tgt).numpy(), atol=2e-6)
+    # the cameras: the generated frames all share the identity camera, so G is the identity and the
+    # rotation error is the angle of the model's own relative rotation; no translation to compare
+    from scipy.spatial.transform import Rotation
+    with torch.no_grad():
+        model = tiny_run["model"]
+        poses = model.estimate_pose(model.encode(ctx[None], ctx_k[None]), torch.cat([ctx[:1], tgt])[None])[0]
+    c2w = l3d.pose_to_c2w(poses.double()).numpy()  # [4, 4, 4]: context view 0, then the targets
+    relative = np.linalg.inv(c2w[0]) @ c2w[1:]
+    angles = np.degrees(Rotation.from_matrix(relative[:, :3, :3]).magnitude())
+    rows = [r for r in images if r[0] == "s3"]
+    np.testing.assert_allclose([float(r[5]) for r in rows], angles, atol=1e-4)
+    assert all(r[6] == "nan" for r in rows) and summary["pose_translation_error_deg"] is None
+    assert summary["pose_rotation_error_deg"] == pytest.approx(np.mean([float(r[5]) for r in images]), abs=1e-9)
 
     folder = out / "renders" / "s3"
     assert Image.open(folder / "context.png").size == (2 * R, R)
@@ -223,7 +265,7 @@ def test_rerun_skips_scored_scenes_and_keeps_what_a_killed_run_left(tiny_run, tm
     # (with a line cut short after it), s3 never scored
     tampered = [",".join(line.split(",")[:2] + ["99.000000"] + line.split(",")[3:]) for line in first["s0"]]
     (out / "images.csv").write_text("\n".join([images[0]] + tampered + first["s2"] + first["s4"]) + "\n")
-    s1 = [[int(v), float(p), float(s), float(lp)] for _, v, p, s, lp in (line.split(",") for line in first["s1"])]
+    s1 = [[int(v), *map(float, m)] for _, v, *m in (line.split(",") for line in first["s1"])]
     (out / "part.rank5.jsonl").write_text(json.dumps({"scene": "s1", "rows": s1}) + '\n{"scene": "s3", "ro')
     summary = ev.main(args + ["--out", str(out)])
     again = (out / "images.csv").read_text().splitlines()
@@ -285,11 +327,15 @@ def test_a_scene_counts_as_scored_only_once_its_video_is_written(tiny_run, tmp_p
 
 
 def same_rows(a, b):
-    """CSV lines equal in their names and up to the last printed digit in their numbers: scenes batched
-    or threaded differently may round the other way in the 6th decimal."""
+    """CSV lines equal in their names and up to the last printed digit in their metrics: scenes batched
+    or threaded differently may round the other way in the 6th decimal. Pose errors, angles out of a
+    float32 model through an arccos, agree to 1e-3 degrees."""
     a, b = [line.split(",") for line in a], [line.split(",") for line in b]
-    return len(a) == len(b) and all(x[0] == y[0] and (len(x) < 5 or x[1] == y[1]) and np.allclose(
-        [float(v) for v in x[-3:]], [float(v) for v in y[-3:]], rtol=0, atol=2e-6, equal_nan=True) for x, y in zip(a, b))
+
+    def close(x, y, tol):
+        return np.allclose([float(v) for v in x], [float(v) for v in y], rtol=0, atol=tol, equal_nan=True)
+    return len(a) == len(b) and all(x[:-5] == y[:-5] and close(x[-5:-2], y[-5:-2], 2e-6) and close(x[-2:], y[-2:], 1e-3)
+                                    for x, y in zip(a, b))
 
 
 def test_two_processes_give_the_files_of_one(tiny_run, tmp_path):
@@ -299,7 +345,9 @@ def test_two_processes_give_the_files_of_one(tiny_run, tmp_path):
         two, one = ((d / name).read_text().splitlines() for d in (tmp_path / "two", tiny_run["out"]))
         assert two[0] == one[0] and same_rows(two[1:], one[1:])
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert {k: v for k, v in two.items() if k not in ("psnr", "ssim")} == {k: v for k, v in tiny_run["summary"].items() if k not in ("psnr", "ssim")}
+    rounded = ("psnr", "ssim", "pose_rotation_error_deg")
+    assert {k: v for k, v in two.items() if k not in rounded} == {k: v for k, v in tiny_run["summary"].items() if k not in rounded}
+    assert two["pose_rotation_error_deg"] == pytest.approx(tiny_run["summary"]["pose_rotation_error_deg"], abs=1e-3)
     assert two["psnr"] == pytest.approx(tiny_run["summary"]["psnr"], abs=2e-6)
     assert two["ssim"] == pytest.approx(tiny_run["summary"]["ssim"], abs=2e-6)
 
@@ -351,6 +399,9 @@ def test_ptlvsm_trains_and_is_scored_with_the_target_cameras(tmp_path):
         render = model(ctx[None], ctx_k[None], tgt[None], tgt_k[None], c2w[None, :2], c2w[None, 2:])[0][0]
     mse = ((render.double().clamp(0, 1) - tgt.double()) ** 2).flatten(1).mean(1)  # [3, 3, R, R] -> [3, 3*R*R] -> [3]
     np.testing.assert_allclose([float(r[2]) for r in rows if r[0] == "s1"], (-10 * torch.log10(mse)).numpy(), atol=2e-6)
+    assert all(r[5] == r[6] == "nan" for r in rows)  # PT-LVSM is given its cameras: no pose error
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["pose_rotation_error_deg"] is None and summary["pose_translation_error_deg"] is None
     with pytest.raises(ValueError, match="--photos and --video need UP-LVSM"):
         ev.main(["--ckpt", str(ckpt), "--data", str(data), "--index", str(index), "--out", str(tmp_path / "v"),
                  "--no-lpips", "--device", "cpu", "--video", "4"])

@@ -254,6 +254,23 @@ def test_layout_and_index(synthetic):
         prepare.make_synthetic(synthetic, size=(W, H), frames=FRAMES, train_scenes=3, test_scenes=1, seed=SEED)
 
 
+def test_synthetic_scaling_lists_are_nested_in_name_order_and_extrapolation_lies_outside(tmp_path):
+    prepare.make_synthetic(tmp_path, size=(16, 16), frames=27, train_scenes=64, test_scenes=20, seed=SEED)
+    names = [f"train_{k:05d}.json" for k in range(64)]
+    lists = {size: [Path(p).name for p in (tmp_path / "train" / f"{size}_list.txt").read_text().splitlines()]
+             for size in ("little", "medium", "large", "full")}
+    assert lists == {"little": names[:1], "medium": names[:4], "large": names[:16], "full": names}
+    index = json.loads((tmp_path / "test" / "extrapolation_index.json").read_text())
+    assert len(index) == 20 and sum(v is None for v in index.values()) == 1  # nulled as the official index
+    for views in filter(None, index.values()):
+        (i, j), targets = views["context"], views["target"]
+        assert i < j and len(set(targets)) == 3
+        assert all(0 <= t < 27 and not i <= t <= j for t in targets), views
+    # too few scenes for a size: that list is not written, rather than written empty
+    prepare.make_synthetic(tmp_path / "few", size=(16, 16), frames=27, train_scenes=8, test_scenes=0, seed=SEED)
+    assert sorted(p.name for p in (tmp_path / "few" / "train").glob("*_list.txt")) == ["full_list.txt", "large_list.txt"]
+
+
 def test_generation_is_deterministic(synthetic, tmp_path):
     prepare.make_synthetic(tmp_path, size=(W, H), frames=FRAMES, train_scenes=1, test_scenes=0, seed=SEED, workers=1)
     for k in (0, FRAMES - 1):
