@@ -83,7 +83,8 @@ def ssim(pred, gt):
     never reach the border, so a "valid" convolution, with no padding at all, gives the same numbers.
     """
     if min(pred.shape[-2:]) < SSIM_WIN:
-        raise ValueError(f"ssim needs images of at least {SSIM_WIN}x{SSIM_WIN} pixels, got {list(pred.shape)}")
+        raise ValueError(f"ssim needs images of at least {SSIM_WIN}x{SSIM_WIN} pixels, "
+                         f"got {list(pred.shape)}")
     x, y = pred.double(), gt.double()
     r = SSIM_RADIUS
     taps = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / SSIM_SIGMA) ** 2)
@@ -91,16 +92,17 @@ def ssim(pred, gt):
     stats = torch.stack([x, y, x * x, y * y, x * y])  # [5, N, 3, H, W]
     h, w = stats.shape[-2:]
     stats = stats.reshape(-1, 1, h, w)  # [5*N*3, 1, H, W]
-    stats = F.conv2d(F.conv2d(stats, taps.view(1, 1, -1, 1)), taps.view(1, 1, 1, -1))  # [5*N*3, 1, H - 2r, W - 2r]
-    mx, my, mxx, myy, mxy = stats.reshape(5, *x.shape[:2], h - 2 * r, w - 2 * r)  # each [N, 3, H - 2r, W - 2r]
-    cov_norm = SSIM_WIN ** 2 / (SSIM_WIN ** 2 - 1)  # scikit-image divides by NP - 1, NP = 11 * 11, weights or not
+    stats = F.conv2d(stats, taps.view(1, 1, -1, 1))  # [5*N*3, 1, H - 2r, W]
+    stats = F.conv2d(stats, taps.view(1, 1, 1, -1))  # [5*N*3, 1, H - 2r, W - 2r]
+    mx, my, mxx, myy, mxy = stats.reshape(5, *x.shape[:2], h - 2 * r, w - 2 * r)  # each [N, 3, H-2r, W-2r]
+    cov_norm = SSIM_WIN ** 2 / (SSIM_WIN ** 2 - 1)  # scikit-image divides by NP - 1, NP = 11 * 11
     vx, vy, vxy = cov_norm * (mxx - mx * mx), cov_norm * (myy - my * my), cov_norm * (mxy - mx * my)
     c1, c2 = 0.01 ** 2, 0.03 ** 2  # (K1 * data_range)^2 and (K2 * data_range)^2
-    s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))  # [N, 3, H - 2r, W - 2r]
+    s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))  # [N, 3, h', w']
     return s.mean((-2, -1)).mean(-1)
 
 
-VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # what torchvision fetches for lpips' backbone
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's, for lpips' backbone
 
 
 def load_lpips(device):
@@ -114,8 +116,9 @@ def load_lpips(device):
             net = lpips.LPIPS(net="vgg", verbose=False)
         except OSError as e:  # no network: urllib's URLError is an OSError
             dest = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_URL.rsplit("/", 1)[1]
-            raise RuntimeError(f"eval.py: LPIPS needs torchvision's VGG-16 weights, and downloading them failed ({e}). "
-                               f"Fetch {VGG16_URL} elsewhere and put it at {dest}, or run with --no-lpips.") from None
+            raise OSError(f"LPIPS needs torchvision's VGG-16 weights, and downloading them failed ({e}). "
+                          f"Fetch {VGG16_URL} elsewhere and put it at {dest}, "
+                          f"or run with --no-lpips") from None
     return net.to(device).eval()
 
 
@@ -143,7 +146,7 @@ def camera_path(poses, fxfycxcy, n):
     the first key to the last, evenly spaced in key number: between neighbouring keys translation
     and intrinsics move linearly and rotation by slerp."""
     s = torch.linspace(0, len(poses) - 1, n, dtype=poses.dtype, device=poses.device)
-    i = s.floor().long().clamp(max=len(poses) - 2)  # the segment of each frame; the last frame ends the last one
+    i = s.floor().long().clamp(max=len(poses) - 2)  # each frame's segment; the last frame ends the last one
     t = (s - i)[:, None]  # [n] -> [n, 1]
     translation = poses[i, :3] + t * (poses[i + 1, :3] - poses[i, :3])
     rotation = slerp(poses[i, 3:], poses[i + 1, 3:], t[:, 0])
@@ -158,11 +161,18 @@ def render_video(model, scene, n_frames, device, chunk=8):
     order = sorted(range(len(frame_numbers)), key=frame_numbers.__getitem__)
     images = torch.cat([scene["ctx_images"], scene["tgt_images"]])[order].to(device)  # [k, 3, R, R]
     fxfycxcy = torch.cat([scene["ctx_fxfycxcy"], scene["tgt_fxfycxcy"]])[order].to(device)  # [k, 4]
-    latents = model.encode(scene["ctx_images"][None].to(device), scene["ctx_fxfycxcy"][None].to(device))  # [1, L, d]
+    ctx, ctx_k = scene["ctx_images"][None].to(device), scene["ctx_fxfycxcy"][None].to(device)
+    latents = model.encode(ctx, ctx_k)  # [1, L, d]
     poses = model.estimate_pose(latents, images[None])[0].float()  # [k, 7]
-    path, path_fxfycxcy = camera_path(poses, fxfycxcy, n_frames)
-    frames = [model.decode(latents, l3d.pose_to_c2w(path[None, j:j + chunk]), path_fxfycxcy[None, j:j + chunk])[0]
-              for j in range(0, n_frames, chunk)]  # chunks of frames bound the decoder's memory
+    return render_path(model, latents, *camera_path(poses, fxfycxcy, n_frames), chunk)
+
+
+def render_path(model, latents, poses, fxfycxcy, chunk=8, bar=False):
+    """Scene latents [1, L, d] and a camera path (poses [n, 7], fxfycxcy [n, 4]) -> renders [n, 3, R, R]
+    float32, decoded `chunk` frames at a time: chunks bound the decoder's memory."""
+    starts = range(0, len(poses), chunk)
+    frames = [model.decode(latents, l3d.pose_to_c2w(poses[None, j:j + chunk]), fxfycxcy[None, j:j + chunk])[0]
+              for j in tqdm(starts, desc="rendering", unit="chunk", disable=not bar)]
     return torch.cat(frames).float()
 
 
@@ -184,18 +194,11 @@ class IndexedScenes(torch.utils.data.Dataset):
         scene, meta, context, target = self.work[i]
         item = {"scene": scene, "context": context, "target": target, "skip": None}
         try:
-            frames = l3d.read_scene(meta)["frames"]
-            if not all(0 <= f < len(frames) for f in context + target):
-                return {**item, "skip": "out_of_range", "why": f"index asks for frames {context + target}, scene has {len(frames)}"}
-            item["ctx_images"], item["ctx_fxfycxcy"] = l3d.load_views(frames, context, self.res, self.patch)
-            item["tgt_images"], item["tgt_fxfycxcy"] = l3d.load_views(frames, target, self.res, self.patch)
-            c2w = l3d.load_cameras(frames, context + target)  # PT-LVSM's: normalised over the indexed views
-            item["ctx_c2w"], item["tgt_c2w"] = c2w[:len(context)], c2w[len(context):]
-            w2c = torch.tensor([frames[i]["w2c"] for i in context + target], dtype=torch.float64)
-            item["c2w"] = torch.linalg.inv(w2c)  # [2 + v, 4, 4], as the dataset has them: for the pose error
+            return item | l3d.load_indexed_scene(meta, context, target, self.res, self.patch)
+        except IndexError as e:
+            return item | {"skip": "out_of_range", "why": str(e)}
         except (OSError, ValueError, KeyError, TypeError) as e:
-            return {**item, "skip": "unreadable", "why": str(e)}
-        return item
+            return item | {"skip": "unreadable", "why": str(e)}
 
 
 def batches(items, size, skipped):
@@ -245,9 +248,8 @@ def pose_errors(p0, pt, c0, ct):
 def score(model, batch, device, autocast, lpips_net):
     """A batch of b loaded scenes -> renders [b, v, 3, R, R] float32, per scene rows [frame number,
     *METRICS] for each of its v targets, and the seconds the model took to render."""
-    ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w = (
-        torch.stack([s[key] for s in batch]).to(device)
-        for key in ("ctx_images", "ctx_fxfycxcy", "tgt_images", "tgt_fxfycxcy", "ctx_c2w", "tgt_c2w"))
+    ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w = (torch.stack([s[key] for s in batch]).to(device)
+                                                for key in l3d.MODEL_INPUTS)
     synchronize(device)
     start = time.time()
     with autocast:
@@ -257,16 +259,19 @@ def score(model, batch, device, autocast, lpips_net):
     render = render.float()
     b, v = tgt.shape[:2]
     pred, gt = render.flatten(0, 1), tgt.flatten(0, 1)  # [b, v, 3, R, R] -> [b*v, 3, R, R]
-    lp = lpips_net(gt, pred, normalize=True).flatten() if lpips_net else torch.full((b * v,), math.nan, device=device)  # [b*v, 1, 1, 1] -> [b*v]
+    lp = torch.full((b * v,), math.nan)
+    if lpips_net:
+        lp = lpips_net(gt, pred, normalize=True).flatten()  # [b*v, 1, 1, 1] -> [b*v]
     errors = torch.full((2, b, v), math.nan, dtype=torch.float64)
-    if pose is not None:  # UP-LVSM: context view 0 through the pose estimator too (untimed), as the targets went
+    if pose is not None:  # UP-LVSM: context view 0 through the pose estimator too, untimed
         with autocast:
             pose0 = model.estimate_pose(model.encode(ctx, ctx_k), ctx[:, :1])  # [b, 1, 7]
         c2w = torch.stack([s["c2w"] for s in batch])  # [b, 2 + v, 4, 4], the dataset's, float64
         p0, pt = (l3d.pose_to_c2w(p.double().cpu()) for p in (pose0, pose))
         errors = torch.stack(pose_errors(p0, pt, c2w[:, :1], c2w[:, 2:]))
-    values = torch.stack([l3d.psnr(pred, gt).cpu(), ssim(pred, gt).cpu(), lp.double().cpu(), *errors.flatten(1)], -1)
-    rows = [[[f, *m] for f, m in zip(s["target"], ms)] for s, ms in zip(batch, values.reshape(b, v, -1).tolist())]
+    values = [l3d.psnr(pred, gt).cpu(), ssim(pred, gt).cpu(), lp.double().cpu(), *errors.flatten(1)]
+    values = torch.stack(values, -1).reshape(b, v, -1).tolist()  # [b*v, metrics] -> [b, v, metrics]
+    rows = [[[f, *m] for f, m in zip(s["target"], ms)] for s, ms in zip(batch, values)]
     return render, rows, seconds
 
 
@@ -284,9 +289,8 @@ def save_video(folder, frames, name="video"):
     folder.mkdir(parents=True, exist_ok=True)
     images = [l3d.to_pil(f) for f in frames]
     path = folder / (name + (".webp" if features.check("webp") else ".gif"))
-    tmp = path.with_name(path.name + ".tmp")
-    images[0].save(tmp, format=path.suffix[1:].upper(), save_all=True, append_images=images[1:], duration=33, loop=0)
-    os.replace(tmp, path)
+    l3d.write_atomic(path, lambda tmp: images[0].save(tmp, format=path.suffix[1:].upper(), save_all=True,
+                                                      append_images=images[1:], duration=33, loop=0))
     return path
 
 
@@ -302,7 +306,8 @@ def rgb8(img):
     transparent pixels are laid over white."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         scale = 255.0 if img.mode == "F" else 1 / 257
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) * scale).round().clip(0, 255).astype(np.uint8))
+        pixels = (np.asarray(img, dtype=np.float64) * scale).round().clip(0, 255)
+        img = Image.fromarray(pixels.astype(np.uint8))
     if img.has_transparency_data:
         img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
     return img.convert("RGB")
@@ -329,19 +334,18 @@ def read_photo(path, fov=PHOTO_FOV):
     if f35:  # the 35 mm equivalent keeps the diagonal view of a 36 x 24 mm frame
         f, source = float(f35) * math.hypot(w, h) / math.hypot(36, 24), f"EXIF: {f35} mm equivalent"
     else:
-        f, source = max(w, h) / 2 / math.tan(math.radians(fov) / 2), f"--fov {fov:g} (no focal length in EXIF)"
+        f = max(w, h) / 2 / math.tan(math.radians(fov) / 2)
+        source = f"--fov {fov:g} (no focal length in EXIF)"
     return img, [f, f, w / 2, h / 2], source
 
 
 @torch.no_grad()
 def fly_through(model, images, fxfycxcy, n_frames, beyond=0.2, chunk=8):
     """Photos A and B (images [2, 3, R, R], fxfycxcy [2, 4]) -> (frames [n, 3, R, R], poses [n, 7],
-    fxfycxcy [n, 4], the frame at B's camera). The model estimates both cameras in the frame of A:
-    A's lands at the identity as nearly as the model has learned to put it there (the tiny classroom
-    model puts it about 24 degrees off, and over its 38 test scenes renders A at 23.1 dB from its
-    estimate, at 12.3 dB from the identity). The path goes
-    from A's camera to B's and a fraction `beyond` further: translation and intrinsics linearly,
-    rotation by slerp."""
+    fxfycxcy [n, 4], the frame at B's camera). The model estimates both cameras in the frame of A; A's
+    lands at the identity only as nearly as the model has learned to put it there, so the path starts
+    at A's estimate (README, "Try it on your photos"). It goes from A's camera to B's and a fraction
+    `beyond` further: translation and intrinsics linearly, rotation by slerp."""
     latents = model.encode(images[None], fxfycxcy[None])  # [1, L, d]
     pose_a, pose_b = model.estimate_pose(latents, images[None])[0].float()  # [2, 7] -> [7], [7]
     at_b = round((n_frames - 1) / (1 + beyond))
@@ -349,9 +353,7 @@ def fly_through(model, images, fxfycxcy, n_frames, beyond=0.2, chunk=8):
     rotation = slerp(pose_a[3:].expand(n_frames, 4), pose_b[3:].expand(n_frames, 4), t)
     poses = torch.cat([pose_a[:3] + t[:, None] * (pose_b[:3] - pose_a[:3]), rotation], -1)  # [n, 7]
     path_fxfycxcy = fxfycxcy[0] + t[:, None] * (fxfycxcy[1] - fxfycxcy[0])  # [n, 4]
-    frames = [model.decode(latents, l3d.pose_to_c2w(poses[None, j:j + chunk]), path_fxfycxcy[None, j:j + chunk])[0]
-              for j in tqdm(range(0, n_frames, chunk), desc="rendering", unit="chunk")]
-    return torch.cat(frames).float(), poses, path_fxfycxcy, at_b
+    return render_path(model, latents, poses, path_fxfycxcy, chunk, bar=True), poses, path_fxfycxcy, at_b
 
 
 def contact_sheet(photos, frames, columns=8):
@@ -384,8 +386,7 @@ def render_photos(args, photos, model, device):
     out.mkdir(parents=True, exist_ok=True)
     video = save_video(out, frames.cpu(), "flythrough")
     sheet = out / "contact_sheet.png"
-    contact_sheet(images.cpu(), frames.cpu()).save(sheet.with_name(sheet.name + ".tmp"), format="PNG")
-    os.replace(sheet.with_name(sheet.name + ".tmp"), sheet)
+    l3d.write_atomic(sheet, lambda tmp: contact_sheet(images.cpu(), frames.cpu()).save(tmp, format="PNG"))
     l3d.write_atomic(out / "cameras.json", json.dumps(cameras, indent=1) + "\n")
     print(f"{len(frames)} frames, B's camera at frame {at_b}: {video}, {sheet}, {out / 'cameras.json'}")
     return cameras
@@ -415,7 +416,8 @@ def read_images_csv(path):
     with open(path, newline="") as f:
         for n, row in enumerate(csv.DictReader(f), start=2):
             try:
-                scenes.setdefault(row["scene"], []).append([int(row["view"])] + [float(row[k]) for k in METRICS])
+                values = [int(row["view"])] + [float(row[k]) for k in METRICS]
+                scenes.setdefault(row["scene"], []).append(values)
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"{path}: line {n} is not 'scene,view,{','.join(METRICS)}'; rerun with "
                                  f"--restart to score from scratch") from None
@@ -423,21 +425,22 @@ def read_images_csv(path):
 
 
 def merge_parts(out):
-    """Fold the part files of earlier or current processes into images.csv and metrics.csv, then delete them."""
+    """Fold the part files of earlier or current processes into images.csv and metrics.csv, then delete
+    them."""
     scenes = read_images_csv(out / "images.csv")
     parts = sorted(out.glob("part.rank*.jsonl"))
     for part in parts:
         for line in part.read_text().splitlines():
             try:
                 record = json.loads(line)
-            except ValueError:  # the last line of a killed process can be cut short: that scene is scored again
+            except ValueError:  # a killed process's last line can be cut short: that scene is scored again
                 continue
             scenes.setdefault(record["scene"], record["rows"])
     names = sorted(scenes)
     l3d.write_atomic(out / "images.csv", csv_text(["scene", "view", *METRICS],
                                               [[s, *row] for s in names for row in scenes[s]]))
-    l3d.write_atomic(out / "metrics.csv", csv_text(["scene", *METRICS],
-                                               [[s, *nanmean([row[1:] for row in scenes[s]])] for s in names]))
+    means = [[s, *nanmean([row[1:] for row in scenes[s]])] for s in names]
+    l3d.write_atomic(out / "metrics.csv", csv_text(["scene", *METRICS], means))
     for part in parts:
         part.unlink()
 
@@ -457,21 +460,24 @@ def check_run(out, args, res):
     scored, so one with any of these changed would mix two evaluations: it is refused, naming what
     changed, unless --restart clears the folder's scores first."""
     ckpt = l3d.CACHE_DIR / l3d.RELEASED[args.ckpt][0] if args.ckpt in l3d.RELEASED else Path(args.ckpt)
-    record = {"ckpt": args.ckpt if args.ckpt in l3d.RELEASED else str(ckpt.resolve()), "ckpt_blake2b": file_digest(ckpt),
-              "data": str(Path(args.data).resolve()), "data_blake2b": file_digest(args.data),
-              "index": str(Path(args.index).resolve()), "index_blake2b": file_digest(args.index), "res": res}
+    record = {"ckpt": args.ckpt if args.ckpt in l3d.RELEASED else str(ckpt.resolve()),
+              "ckpt_blake2b": file_digest(ckpt), "data": str(Path(args.data).resolve()),
+              "data_blake2b": file_digest(args.data), "index": str(Path(args.index).resolve()),
+              "index_blake2b": file_digest(args.index), "res": res}
     path = out / "run.json"
     before = json.loads(path.read_text()) if path.exists() else record
-    changed = [what for what, keys in (("checkpoint", ["ckpt_blake2b"]), ("data list", ["data", "data_blake2b"]),
-                                       ("index", ["index_blake2b"]), ("image size", ["res"]))
-               if any(before.get(k) != record[k] for k in keys)]
+    compared = {"checkpoint": ["ckpt_blake2b"], "data list": ["data", "data_blake2b"],
+                "index": ["index_blake2b"], "image size": ["res"]}
+    changed = [what for what, keys in compared.items() if any(before.get(k) != record[k] for k in keys)]
     if changed and not args.restart:
         raise ValueError(f"{path}: this folder holds the scores of another {', another '.join(changed)} "
                          f"({', '.join(f'{k}: {before.get(k)}' for k in ('ckpt', 'data', 'index', 'res'))}); "
                          f"pass --restart to clear them, or another --out")
     if changed or args.restart:
-        for name in ("images.csv", "metrics.csv", "summary.json", *(p.name for p in out.glob("part.rank*.jsonl"))):
-            (out / name).unlink(missing_ok=True)
+        for path in [out / name for name in ("images.csv", "metrics.csv", "summary.json")]:
+            path.unlink(missing_ok=True)
+        for path in out.glob("part.rank*.jsonl"):
+            path.unlink()
         shutil.rmtree(out / "renders", ignore_errors=True)
     l3d.write_atomic(path, json.dumps(record) + "\n")
     return record
@@ -515,44 +521,51 @@ def rank0_first(rank, make):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Score an UP-LVSM checkpoint with the paper's protocol (see the docstring of eval.py).")
+    ap = argparse.ArgumentParser(description="Score an UP-LVSM checkpoint with the paper's protocol (see the "
+                                 "docstring of eval.py).")
     ap.add_argument("--ckpt", required=True, help="x224 or x518 (the released weights, downloaded once), "
                     "a released checkpoint file, or an l3d one")
-    ap.add_argument("--res", type=int, help="image size: required for released checkpoint files (224 or 518); "
+    ap.add_argument("--res", type=int, help="image size: required for released checkpoint files (224, 518); "
                     "names and l3d's files know theirs")
     ap.add_argument("--data", help="full_list.txt of a processed test split")
     ap.add_argument("--index", help="evaluation index json (the paper's: evaluation_index_re10k.json)")
-    ap.add_argument("--out", required=True, help="result folder; a rerun skips the scenes already scored there")
+    ap.add_argument("--out", required=True, help="result folder; a rerun skips the scenes scored there")
     ap.add_argument("--restart", action="store_true", help="clear the scores already in --out and score "
                     "every scene again (needed when the checkpoint, data list, index or image size changed)")
     ap.add_argument("--photos", nargs="+", metavar="IMAGE", help="two photos of one scene, A B: render a "
                     "fly-through from A's camera to B's into --out, instead of scoring --data")
     ap.add_argument("--frames", type=int, default=60, help="with --photos: frames of the fly-through")
-    ap.add_argument("--fov", type=float, default=PHOTO_FOV, help="with --photos: degrees across the longer side "
+    ap.add_argument("--fov", type=float, default=PHOTO_FOV, help="with --photos: degrees across the longer "
                     "of a photo whose EXIF has no 35 mm equivalent focal length")
     ap.add_argument("--batch", type=int, default=32 if torch.cuda.is_available() else 8,
                     help="scenes per forward pass (default: 32 on a GPU, 8 on the CPU)")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype of the model (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"],
+                    help="autocast dtype of the model (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--no-lpips", dest="lpips", action="store_false", help="skip LPIPS (no VGG-16 download)")
-    ap.add_argument("--save-images", action="store_true", help="write renders/<scene>/context.png and targets.png")
-    ap.add_argument("--video", type=int, default=0, metavar="N", help="write renders/<scene>/video.webp of N frames (0: none)")
+    ap.add_argument("--save-images", action="store_true",
+                    help="write renders/<scene>/context.png and targets.png")
+    ap.add_argument("--video", type=int, default=0, metavar="N",
+                    help="write renders/<scene>/video.webp of N frames (0: none)")
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: the GPU when there is one")
-    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0,
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count()) if torch.cuda.is_available() else 0,
                     help="DataLoader processes loading images, per GPU")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="do not torch.compile the transformer blocks (compiled only on CUDA)")
     args = ap.parse_args(argv)
     if args.photos and len(args.photos) != 2:
-        ap.error(f"--photos takes two images of one scene, A and B; got {len(args.photos)}: {' '.join(args.photos)}")
+        ap.error(f"--photos takes two images of one scene, A and B; got {len(args.photos)}: "
+                 f"{' '.join(args.photos)}")
     if not args.photos and not (args.data and args.index):
-        ap.error("--data and --index are required to score a test split (or --photos A B for your own photos)")
+        ap.error("--data and --index are required to score a test split (or --photos A B for your own "
+                 "photos)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = l3d.setup(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda"
+                                                                             else "fp32")]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     photos = [read_photo(path, args.fov) for path in args.photos or []]  # bad photos fail before a download
     model = rank0_first(rank, lambda: l3d.load_model(args.ckpt, args.res)).to(device)
@@ -573,7 +586,7 @@ def main(argv=None):
     barrier()
     views, counts = l3d.index_views(args.data, args.index)
     done = read_images_csv(out / "images.csv")
-    mine = [v for v in views if v[0] not in done][rank::world]  # every scene on exactly one rank: no padding, no drops
+    mine = [v for v in views if v[0] not in done][rank::world]  # each scene on one rank: no padding, no drops
     lpips_net = rank0_first(rank, lambda: load_lpips(device)) if args.lpips else None
     loader = torch.utils.data.DataLoader(IndexedScenes(mine, cfg.image_size, cfg.patch_size), batch_size=None,
                                          num_workers=args.workers)
@@ -614,10 +627,12 @@ def main(argv=None):
         merge_parts(out)
         counts |= {k: sum(s[k] for _, s in every) for k in skipped}
         summary = summarize(out, counts | {"scored_now": sum(n for n, _ in every)}, record)
-        means = "  ".join(f"{k} {summary[k]:.4f}" if summary[k] is not None else f"{k} -" for k in ("psnr", "ssim", "lpips"))
+        means = "  ".join(f"{k} {summary[k]:.4f}" if summary[k] is not None else f"{k} -"
+                          for k in ("psnr", "ssim", "lpips"))
         print(f"{means}  over {summary['images']} images of {summary['scenes']} scenes "
               f"({summary['scored_now']} scored by this run); not scored: "
-              + ", ".join(f"{counts[k]} {k}" for k in ("index_null", "missing", *skipped)) + f"; files in {out}")
+              + ", ".join(f"{counts[k]} {k}" for k in ("index_null", "missing", *skipped))
+              + f"; files in {out}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
@@ -626,5 +641,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file and the problem
+    except (ValueError, OSError) as e:  # bad input or a failed download: the message names it and the way out
         raise SystemExit(f"eval.py: {e}") from None

@@ -5,8 +5,7 @@ UP-LVSM renders novel views of a scene from two unposed photos with a plain tran
 machinery: no poses in, no depth, no epipolar geometry. Paper: "The Less You Depend, The More You
 Learn: Synthesizing Novel Views from Sparse, Unposed Images" (Wang, Ye, Qin, Li, Chen, Chen;
 ICLR 2026; arXiv 2506.09885). This file holds the model, the loader for the authors' released
-checkpoints, the loss, the data pipeline and the training loop; prepare.py makes datasets and
-eval.py scores checkpoints.
+checkpoints, the loss, the data pipeline and the training loop.
 
 Train (the paper's 224 pre-training, then the 518 fine-tuning):
     torchrun --nproc_per_node 8 l3d.py --res 224 --data data/re10k/train/full_list.txt
@@ -17,15 +16,18 @@ The paper's posed-target baseline, PT-LVSM, with the same recipe:
     torchrun --nproc_per_node 8 l3d.py --res 224 --model ptlvsm
 A laptop CPU, for a class (generated scenes):
     python prepare.py synthetic && python l3d.py --tiny
-Time the training step (compile time, ms/step, MFU, peak memory):
-    python l3d.py --res 224 --bench
 Render with the released weights:
-    model = l3d.load_model("uplvsm_x224.pt", res=224)
+    model = l3d.load_model("x224")
     render, pose = model(ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy)
+bench.py times the training step; prepare.py makes datasets; eval.py scores checkpoints.
+
+Where to start reading: the docstring of UPLVSM walks one batch through the model, shape by shape;
+every piece it names is defined above it, and training follows below it.
 """
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -46,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# Config: the architecture, saved inside every checkpoint; and the training presets
+# Config: the architecture, saved inside every checkpoint
 
 
 @dataclass
@@ -72,32 +74,11 @@ class Config:
 
     @staticmethod
     def tiny(model="uplvsm"):
-        # Trains on a laptop CPU in minutes: 32 x 32 crops of generated rooms, 16 tokens per view, as
-        # many latents. Fewer latents and pixels buy steps: at 64 x 64 with 64 latents a step costs 3x
-        # more, and in a short budget the extra steps are worth more than the extra resolution. 16
-        # latents cost a quarter less than 32 and scored the same (23.0 to 23.2 dB over two seeds each);
-        # 2 or 4 decoder blocks scored worse than 3.
-        # PT-LVSM's stack is as deep as UP-LVSM's three, as in the paper's configs (24 = 6 + 4 + 14).
+        # a laptop CPU trains it in minutes: 32 x 32 crops, 16 tokens a view, 16 latents; PT-LVSM's one
+        # stack as deep as UP-LVSM's three, as in the paper (24 = 6 + 4 + 14)
         return Config(model=model, image_size=32, patch_size=8, dim=128, head_dim=32, n_encoder=2,
                       n_estimator=1, n_decoder=3, n_latents=16, tok_depth=2, tok_heads=4, tok_registers=2,
                       tok_pos_grid=4, n_blocks=6)
-
-
-# Training settings of each preset: the defaults of the command line, which any flag overrides.
-# 224 and 518 are the paper's recipe (8 GPUs); 518 fine-tunes the 224 weights with a fresh schedule.
-PRESETS = {
-    224: dict(batch=16, steps=100_000, lr=4e-4, warmup=4000, perceptual=0.5, dinov2="download",
-              data="data/re10k/train/full_list.txt", out="runs/x224", save_every=4000, eval_every=4000,
-              log_every=100, workers=min(8, os.cpu_count()), keep_frames=False),
-    518: dict(batch=6, steps=80_000, lr=4e-5, warmup=4000, perceptual=0.5, dinov2="none",
-              data="data/re10k/train/full_list.txt", out="runs/x518", save_every=4000, eval_every=4000,
-              log_every=100, workers=min(8, os.cpu_count()), keep_frames=False),
-    # 1800 steps take 4-5 minutes on 2 cores. A 300-step warm-up scored 0.3 dB above 100 steps (two
-    # seeds each); 2e-3 diverged, and 7e-4 to 1.4e-3 and 1500 to 2200 steps scored within the noise.
-    "tiny": dict(batch=8, steps=1800, lr=1e-3, warmup=300, perceptual=0.0, dinov2="none",
-                 data="data/synthetic/train/full_list.txt", out="runs/tiny", save_every=200, eval_every=200,
-                 log_every=20, workers=0, keep_frames=True),
-}
 
 
 # -----------------------------------------------------------------------------
@@ -168,16 +149,8 @@ def unpatchify(x, p, h, w):
 
 
 def attention(q, k, v):
-    """Softmax attention, q, k, v [b, heads, n, head_dim] -> [b, heads, n, head_dim].
-
-    PyTorch picks the kernel at every call from the device, dtype and shapes, and only its math
-    backend writes the n x n scores to memory. On CUDA under bf16 (training and evaluation) with
-    head_dim 64: cuDNN's fused attention on Hopper and Blackwell GPUs when the installed cuDNN is new
-    enough for PyTorch to prefer it, else FlashAttention-2. On CUDA in float32: the memory-efficient
-    kernel, since the flash kernels take half precision only. On CPU: a fused C++ flash-style kernel.
-    attention_backend() names the kernel that runs and --bench prints it. Counting FLOPs needs the
-    math backend, the one whose matmuls FlopCounterMode can see.
-    """
+    """Softmax attention, q, k, v [b, heads, n, head_dim] -> [b, heads, n, head_dim]. PyTorch picks a
+    fused kernel from the device, dtype and shapes (README, "Benchmark", names them)."""
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -254,22 +227,6 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
-def compile_blocks(model):
-    """torch.compile every transformer block in place, and nothing else: regional compilation, where
-    one block's graph is compiled once and reused by all the blocks like it (compiling the whole
-    model takes minutes). The names in the state dict stay as they are.
-
-    All blocks share one forward, and dynamo allows a function 8 graphs by default, then runs the
-    calls that need another one eagerly, without a word. Tokenizer and LVSM blocks, the last block
-    of each stack, and training beside evaluation need about a dozen, so the limit is raised.
-    """
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for module in model.modules():
-        if isinstance(module, Block):
-            module.compile()
-    return model
-
-
 # -----------------------------------------------------------------------------
 # Image tokenizer: DINOv2 ViT-B/14 with 4 registers, plus QK-norm
 
@@ -321,9 +278,10 @@ class ImageTokenizer(nn.Module):
 
 
 class LVSM(nn.Module):
-    """What UP-LVSM and PT-LVSM share: the image tokenizer, the two ray embeddings (the first context
-    view's marker and the target's camera), the release's initialisation, per-block gradient
-    checkpointing, the input check and the pixel head."""
+    """What UP-LVSM and PT-LVSM share: the image tokenizer, the first context view's marker, the ray
+    tokens of target cameras, the pixel head, the release's initialisation and per-block gradient
+    checkpointing. Each model builds its own transformer in build_stacks(), between the shared
+    layers in and out: the order of creation is the order of the random initialisation."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -332,7 +290,11 @@ class LVSM(nn.Module):
         self.tokenizer = ImageTokenizer(cfg)
         self.canonical_rays = nn.Linear(6 * p * p, d, bias=False)
         self.target_rays = nn.Linear(6 * p * p, d, bias=False)
+        stacks = self.build_stacks(cfg)
+        self.decoder_norm_out = nn.LayerNorm(d, bias=False)
+        self.to_pixels = nn.Linear(d, p * p * 3, bias=False)
         self.grad_checkpoint = False
+        self.init_weights(stacks)
 
     def init_weights(self, stacks):
         """From-scratch initialisation, as the release does it; the tokenizer gets DINOv2's own scheme."""
@@ -372,6 +334,19 @@ class LVSM(nn.Module):
             if x.ndim != 5 or tuple(x.shape[2:]) != (3, R, R):
                 raise ValueError(f"{name} must be [b, v, 3, {R}, {R}] for this model, got {list(x.shape)}")
 
+    def mark_first_view(self, tokens, c2w, fxfycxcy):
+        """Context tokens [b, v, n, d] -> the same, view 0's plus the ray tokens of its camera c2w
+        [b, 4, 4] (intrinsics fxfycxcy [b, v, 4]): the view whose frame every camera is placed in."""
+        R, p = self.config.image_size, self.config.patch_size
+        rays = plucker_rays(c2w[:, None], fxfycxcy[:, :1], R, R)  # [b, 1, 6, R, R]
+        return torch.cat([tokens[:, :1] + self.canonical_rays(patchify(rays, p)), tokens[:, 1:]], 1)
+
+    def ray_tokens(self, c2w, fxfycxcy):
+        """Target cameras c2w [b, v, 4, 4] and intrinsics [b, v, 4] -> ray tokens [b*v, n, d]."""
+        R, p = self.config.image_size, self.config.patch_size
+        x = self.target_rays(patchify(plucker_rays(c2w, fxfycxcy, R, R), p))  # [b, v, n, d]
+        return x.flatten(0, 1)  # [b, v, n, d] -> [b*v, n, d]
+
     def pixels(self, x, b, v):
         """Output tokens [b*v, n, d] -> images [b, v, 3, R, R]: LayerNorm, linear, sigmoid, unpatchify."""
         R, p = self.config.image_size, self.config.patch_size
@@ -401,7 +376,10 @@ class UPLVSM(LVSM):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        d, p, hd = cfg.dim, cfg.patch_size, cfg.head_dim
+        nn.init.trunc_normal_(self.latents, std=0.02)
+
+    def build_stacks(self, cfg):
+        d, hd = cfg.dim, cfg.head_dim
         self.latents = nn.Parameter(torch.zeros(cfg.n_latents, d))
         self.encoder = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_encoder))
         self.estimator = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_estimator))
@@ -409,20 +387,14 @@ class UPLVSM(LVSM):
         self.rotation_head = MLP(d, d // 2, 4, bias=True)
         self.decoder_norm_in = nn.LayerNorm(d, bias=False)
         self.decoder = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_decoder))
-        self.decoder_norm_out = nn.LayerNorm(d, bias=False)
-        self.to_pixels = nn.Linear(d, p * p * 3, bias=False)
-        self.init_weights((self.encoder, self.decoder))
-        nn.init.trunc_normal_(self.latents, std=0.02)
+        return self.encoder, self.decoder
 
     def encode(self, ctx_images, ctx_fxfycxcy):
         """Context views [b, v, 3, R, R] and their intrinsics [b, v, 4] -> scene latents [b, L, d]."""
-        b, v, _, h, w = ctx_images.shape
-        tokens = self.tokenizer(ctx_images)  # [b, v, n, d]
+        b, v = ctx_images.shape[:2]
+        identity = torch.eye(4, device=ctx_images.device).expand(b, 4, 4)  # view 0 is the world frame
+        tokens = self.mark_first_view(self.tokenizer(ctx_images), identity, ctx_fxfycxcy)  # [b, v, n, d]
         n, d = tokens.shape[2:]
-        identity = torch.eye(4, device=ctx_images.device).expand(b, 1, 4, 4)
-        marker = self.canonical_rays(patchify(plucker_rays(identity, ctx_fxfycxcy[:, :1], h, w),
-                                              self.config.patch_size))  # [b, 1, n, d]
-        tokens = torch.cat([tokens[:, :1] + marker, tokens[:, 1:]], 1)
         x = torch.cat([self.latents.expand(b, -1, -1), tokens.reshape(b, v * n, d)], 1)  # [b, L + v*n, d]
         return self.run(self.encoder, x, keep=slice(0, self.config.n_latents))
 
@@ -441,8 +413,7 @@ class UPLVSM(LVSM):
     def decode(self, latents, c2w, fxfycxcy):
         """Latents [b, L, d], cameras c2w [b, v, 4, 4], intrinsics [b, v, 4] -> images [b, v, 3, R, R]."""
         b, v = c2w.shape[:2]
-        R, p = self.config.image_size, self.config.patch_size
-        x = self.target_rays(patchify(plucker_rays(c2w, fxfycxcy, R, R), p)).flatten(0, 1)  # [b*v, n, d]
+        x = self.ray_tokens(c2w, fxfycxcy)  # [b*v, n, d]
         n = x.shape[1]
         x = self.decoder_norm_in(torch.cat([x, latents.repeat_interleave(v, 0)], 1))  # [b*v, n + L, d]
         return self.pixels(self.run(self.decoder, x, keep=slice(0, n)), b, v)
@@ -470,30 +441,21 @@ class PTLVSM(LVSM):
             --LayerNorm, linear, sigmoid--> [b*v, n, p*p*3] --unpatchify--> render [b, v, 3, R, R]
     """
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        d, p, hd = cfg.dim, cfg.patch_size, cfg.head_dim
-        self.norm_in = nn.LayerNorm(d, bias=False)
-        self.blocks = nn.ModuleList(Block(d, hd) for _ in range(cfg.n_blocks))
-        self.decoder_norm_out = nn.LayerNorm(d, bias=False)
-        self.to_pixels = nn.Linear(d, p * p * 3, bias=False)
-        self.init_weights((self.blocks,))
+    def build_stacks(self, cfg):
+        self.norm_in = nn.LayerNorm(cfg.dim, bias=False)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.head_dim) for _ in range(cfg.n_blocks))
+        return (self.blocks,)
 
     def forward(self, ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy, ctx_c2w, tgt_c2w):
         """-> (renders [b, v, 3, R, R], None: no pose is estimated). The target images are taken, as
         UP-LVSM takes them, and never read: the target camera stands in for them."""
         self.check_images(ctx_images=ctx_images, tgt_images=tgt_images)
-        b, v = tgt_c2w.shape[:2]
-        R, p = self.config.image_size, self.config.patch_size
-        tokens = self.tokenizer(ctx_images)  # [b, 2, n, d]
-        n = tokens.shape[2]
-        marker = self.canonical_rays(patchify(plucker_rays(ctx_c2w[:, :1], ctx_fxfycxcy[:, :1], R, R),
-                                              p))  # [b, 1, n, d]
-        tokens = torch.cat([tokens[:, :1] + marker, tokens[:, 1:]], 1)
-        tokens = tokens.flatten(1, 2)  # [b, 2, n, d] -> [b, 2n, d]
-        x = self.target_rays(patchify(plucker_rays(tgt_c2w, tgt_fxfycxcy, R, R), p))
-        x = x.flatten(0, 1)  # [b, v, n, d] -> [b*v, n, d]
-        x = self.norm_in(torch.cat([tokens.repeat_interleave(v, 0), x], 1))  # [b*v, 2n + n, d]
+        v = tgt_c2w.shape[1]
+        tokens = self.mark_first_view(self.tokenizer(ctx_images), ctx_c2w[:, 0], ctx_fxfycxcy)  # [b, 2, n, d]
+        b, _, n, d = tokens.shape
+        x = self.ray_tokens(tgt_c2w, tgt_fxfycxcy)  # [b*v, n, d]
+        tokens = tokens.flatten(1, 2).repeat_interleave(v, 0)  # [b, 2, n, d] -> [b*v, 2n, d]
+        x = self.norm_in(torch.cat([tokens, x], 1))  # [b*v, 2n + n, d]
         return self.pixels(self.run(self.blocks, x, keep=slice(-n, None)), b, v), None
 
 
@@ -627,7 +589,7 @@ def download(url):
         try:
             torch.hub.download_url_to_file(url, str(dest), progress=True)
         except OSError as e:
-            raise RuntimeError(f"could not download {url} to {dest} ({e}); download it by hand and put it "
+            raise OSError(f"could not download {url} to {dest} ({e}); download it by hand and put it "
                                f"there (or point L3D_CACHE at a folder that holds it)") from e
     return dest
 
@@ -892,6 +854,24 @@ def epoch_samples(n_scenes, epoch, rank, world, seed):
     return list(zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
+MODEL_INPUTS = ("ctx_images", "ctx_fxfycxcy", "tgt_images", "tgt_fxfycxcy", "ctx_c2w", "tgt_c2w")
+
+
+def load_indexed_scene(meta, context, target, res, patch):
+    """A scene of an evaluation index -> {MODEL_INPUTS: the context and target views [v, 3, R, R], their
+    intrinsics [v, 4] and PT-LVSM's cameras [v, 4, 4] (normalised over the indexed views), "c2w": the
+    dataset's cameras of context then targets, [2 + v, 4, 4] float64}. IndexError: frames past the end."""
+    frames = read_scene(meta)["frames"]
+    if not all(0 <= f < len(frames) for f in context + target):
+        raise IndexError(f"the index asks for frames {context + target}, the scene has {len(frames)}")
+    scene = dict(zip(MODEL_INPUTS[:2], load_views(frames, context, res, patch)))
+    scene |= dict(zip(MODEL_INPUTS[2:4], load_views(frames, target, res, patch)))
+    c2w = load_cameras(frames, context + target)
+    w2c = torch.tensor([frames[i]["w2c"] for i in context + target], dtype=torch.float64)
+    scene |= {"ctx_c2w": c2w[:len(context)], "tgt_c2w": c2w[len(context):]}
+    return scene | {"c2w": torch.linalg.inv(w2c)}
+
+
 def read_index(index_path):
     """An evaluation index json -> {scene: {"context": [i, j], "target": [a, b, c]} or None}.
     Other keys of an entry (the release's extra indexes have "overlap") are kept and ignored."""
@@ -986,6 +966,28 @@ def psnr(pred, target):
     return -10 * torch.log10(mse)
 
 
+def model_flops(cfg, v_ctx=2, v_tgt=6):
+    """Forward FLOPs of one training sample (matmuls only, 2 per multiply-add)."""
+    d, n, L = cfg.dim, (cfg.image_size // cfg.patch_size) ** 2, cfg.n_latents
+
+    def blocks(depth, tokens, kept, seqs=1):
+        # per token qkv 6 d^2, proj and MLP 18 d^2, attention 4 d per key; the last block asks queries
+        # of the kept tokens only
+        full = 24 * d * d * tokens + 4 * tokens * tokens * d
+        last = 6 * d * d * tokens + 18 * d * d * kept + 4 * kept * tokens * d
+        return seqs * ((depth - 1) * full + last)
+
+    t = 1 + cfg.tok_registers + n
+    tok = 2 * 3 * cfg.patch_size ** 2 * d * n + blocks(cfg.tok_depth, t, t)  # per image
+    p2 = cfg.patch_size ** 2
+    rays_and_pixels = 2 * 6 * p2 * d * n * (1 + v_tgt) + 2 * d * 3 * p2 * n * v_tgt
+    if cfg.model == "ptlvsm":  # the context images only, then per target one stack over its n and the 2n
+        return v_ctx * tok + blocks(cfg.n_blocks, (v_ctx + 1) * n, n, v_tgt) + rays_and_pixels
+    return ((v_ctx + v_tgt) * tok + blocks(cfg.n_encoder, L + v_ctx * n, L)
+            + blocks(cfg.n_estimator, n + L, n, v_tgt) + blocks(cfg.n_decoder, n + L, n, v_tgt)
+            + rays_and_pixels)
+
+
 # Activation memory of the compiled blocks under each budget, in bytes per token, block and channel,
 # and of the perceptual loss per target pixel: fitted to measured peaks (README, "Benchmark").
 ACTIVATION_BYTES = {1.0: 40, 0.75: 24, 0.5: 21}
@@ -1026,6 +1028,22 @@ def memory_budget(model, args, device):
     if need >= 0.92 * free:
         line += "; may not fit: try --grad-checkpoint or a smaller --batch"
     return budget, line
+
+
+def compile_blocks(model):
+    """torch.compile every transformer block in place, and nothing else: regional compilation, where
+    one block's graph is compiled once and reused by all the blocks like it (compiling the whole
+    model takes minutes). The names in the state dict stay as they are.
+
+    All blocks share one forward, and dynamo allows a function 8 graphs by default, then runs the
+    calls that need another one eagerly, without a word. Tokenizer and LVSM blocks, the last block
+    of each stack, and training beside evaluation need about a dozen, so the limit is raised.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
+    return model
 
 
 def make_train_step(model, opt, args, device, world, perceptual=None):
@@ -1083,14 +1101,22 @@ def batches(data, step, per_epoch, args, rank, world, pin_memory):
         epoch, done = epoch + 1, 0
 
 
-def write_atomic(path, text):
-    """Write text through a temporary file and a rename, so that readers see the old file or the new
-    one, never half of one. A file that already holds this text is left untouched: reruns change nothing."""
+def write_atomic(path, write):
+    """Write a file through a temporary one and a rename, so that readers see the old file or the new
+    one, never half of one. write: the text, or a function that writes the file at the path it is
+    given. Text the file already holds is not written again (reruns change nothing); a failed write
+    leaves no temporary file."""
     path = Path(path)
-    if path.is_file() and path.read_text() == text:
-        return
+    if isinstance(write, str):
+        if path.is_file() and path.read_text() == write:
+            return
+        write = functools.partial(Path.write_text, data=write)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -1107,15 +1133,12 @@ def save_checkpoint(out, ckpt, keep):
     """Write out/ckpt_<step>.pt through a temporary file and a rename; keep the newest `keep`. A failed
     write (a full disk, say) leaves no temporary file behind and says how much room it wanted."""
     path = Path(out) / f"ckpt_{ckpt['step']:07d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
     try:
-        torch.save(ckpt, tmp)
+        write_atomic(path, functools.partial(torch.save, ckpt))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
         free = shutil.disk_usage(out).free
         raise OSError(f"{out}: could not write {path.name} (about {tensor_bytes(ckpt) / 2 ** 30:.2f} GiB, "
                       f"{free / 2 ** 30:.2f} GiB free): {str(e).splitlines()[0]}") from None
-    os.replace(tmp, path)
     for old in sorted(Path(out).glob("ckpt_*.pt"))[:-keep]:
         old.unlink()
     return path
@@ -1219,19 +1242,13 @@ def to_pil(image):
 
 
 def load_heldout(list_path, index_path, n_scenes, cfg):
-    """The first n_scenes scenes of an evaluation index, loaded once -> [(ctx, ctx_k, tgt, tgt_k,
-    ctx_c2w, tgt_c2w)], the cameras normalised over each scene's indexed views."""
+    """The first n_scenes scenes of an evaluation index that load, loaded once -> [load_indexed_scene
+    dicts]. One bad scene is named and left out: it must not stop training."""
     scenes = []
     for name, meta, context, target in index_views(list_path, index_path)[0][:n_scenes]:
         try:
-            frames = read_scene(meta)["frames"]
-            if max(context + target) >= len(frames):
-                raise ValueError(f"the index asks for frames {context + target}, the scene has {len(frames)}")
-            c2w = load_cameras(frames, context + target)
-            scenes.append((*load_views(frames, context, cfg.image_size, cfg.patch_size),
-                           *load_views(frames, target, cfg.image_size, cfg.patch_size),
-                           c2w[:len(context)], c2w[len(context):]))
-        except (OSError, ValueError, KeyError, TypeError) as e:  # one bad scene must not stop training
+            scenes.append(load_indexed_scene(meta, context, target, cfg.image_size, cfg.patch_size))
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             print0(f"held-out scene {name} skipped: {e}")
     return scenes
 
@@ -1244,8 +1261,8 @@ def heldout(model, scenes, device, out_png=None):
     scores = {"psnr": [], "mean_of_context": [], "best_context_copy": []}
     rows = []
     for scene in scenes:
-        ci, ck, ti = scene[:3]
-        render = model(*(x[None].to(device) for x in scene))[0][0].float().cpu()  # [v, 3, R, R]
+        ci, ti = scene["ctx_images"], scene["tgt_images"]
+        render = model(*(scene[k][None].to(device) for k in MODEL_INPUTS))[0][0].float().cpu()  # [v, 3, R, R]
         scores["psnr"] += psnr(render, ti).tolist()
         scores["mean_of_context"] += psnr(ci.mean(0, keepdim=True).expand_as(ti), ti).tolist()
         copies = [psnr(ci[k:k + 1].expand_as(ti), ti) for k in range(2)]
@@ -1378,103 +1395,18 @@ def train(args):
         raise SystemExit(128 + stopped)  # the shell's exit code for a process ended by that signal
 
 
-def model_flops(cfg, v_ctx=2, v_tgt=6):
-    """Forward FLOPs of one training sample (matmuls only, 2 per multiply-add)."""
-    d, n, L = cfg.dim, (cfg.image_size // cfg.patch_size) ** 2, cfg.n_latents
-
-    def blocks(depth, tokens, kept, seqs=1):
-        # per token qkv 6 d^2, proj and MLP 18 d^2, attention 4 d per key; the last block asks queries
-        # of the kept tokens only
-        full = 24 * d * d * tokens + 4 * tokens * tokens * d
-        last = 6 * d * d * tokens + 18 * d * d * kept + 4 * kept * tokens * d
-        return seqs * ((depth - 1) * full + last)
-
-    t = 1 + cfg.tok_registers + n
-    tok = 2 * 3 * cfg.patch_size ** 2 * d * n + blocks(cfg.tok_depth, t, t)  # per image
-    p2 = cfg.patch_size ** 2
-    rays_and_pixels = 2 * 6 * p2 * d * n * (1 + v_tgt) + 2 * d * 3 * p2 * n * v_tgt
-    if cfg.model == "ptlvsm":  # the context images only, then per target one stack over its n and the 2n
-        return v_ctx * tok + blocks(cfg.n_blocks, (v_ctx + 1) * n, n, v_tgt) + rays_and_pixels
-    return ((v_ctx + v_tgt) * tok + blocks(cfg.n_encoder, L + v_ctx * n, L)
-            + blocks(cfg.n_estimator, n + L, n, v_tgt) + blocks(cfg.n_decoder, n + L, n, v_tgt)
-            + rays_and_pixels)
-
-
-def attention_backend(device, dtype, head_dim=64, tokens=256):
-    """The name of the kernel that attention() runs for these inputs, seen at dispatch, not guessed."""
-    from torch.utils._python_dispatch import TorchDispatchMode  # the hook FlopCounterMode is built on
-
-    class Seen(TorchDispatchMode):
-        ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Seen.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    q = torch.randn(1, 2, tokens, head_dim, device=device, dtype=dtype)
-    with Seen():
-        attention(q, q, q)
-    return next((op for op in Seen.ops if "attention" in op), "math: " + " ".join(Seen.ops))
-
-
-def bench(args):
-    """Time the training step as train() takes it, on random inputs: compile time, ms/step, samples/s,
-    peak memory, MFU."""
-    started = time.time()
-    rank, world, device, model, opt = build(args)
-    cfg, cuda = model.config, device.type == "cuda"
-    perceptual = None
-    if args.perceptual > 0:
-        vgg = Path(args.vgg or cached(VGG19_URL))
-        if vgg.is_file():
-            perceptual = PerceptualLoss(vgg).to(device)
-        else:  # the bench never downloads: the cost is the same with any weights
-            print0(f"bench: no VGG-19 weights at {vgg}, so the perceptual loss runs on random ones")
-            perceptual = PerceptualLoss(random_weights=True).to(device)
-    train_step = make_train_step(model, opt, args, device, world, perceptual)
-    R, b = cfg.image_size, args.batch
-    k, c2w = torch.tensor([R * 1.0, R * 1.0, R / 2, R / 2]), torch.eye(4)
-    batch = (torch.rand(b, 2, 3, R, R), k.expand(b, 2, 4), torch.rand(b, 6, 3, R, R), k.expand(b, 6, 4),
-             c2w.expand(b, 2, 4, 4), c2w.expand(b, 6, 4, 4))
-    batch = [x.to(device) for x in batch]
-
-    def timed(steps):
-        start = time.time()
-        for _ in range(steps):
-            loss = train_step(batch, args.lr)[0]
-        loss.item()  # waits for the GPU, once, as train() does at its log steps
-        return (time.time() - start) / steps
-
-    ready = time.time()
-    first = timed(1)  # compilation, allocator, kernel selection
-    timed(2)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    dt = timed(args.bench_steps)
-    compiled = args.compile and cuda
-    from torch._functorch import config as functorch_config
-    plan = ("every block recomputed" if args.grad_checkpoint else
-            f"activation budget {functorch_config.activation_memory_budget}" if compiled else
-            "every activation kept")
-    kernel = attention_backend(device, torch.bfloat16 if cuda else torch.float32, cfg.head_dim)
-    print0(f"bench: {cfg.model} at {R}, batch {b} x {world} rank(s), perceptual {args.perceptual}, {device}, "
-           f"compiled blocks {compiled}, memory: {plan}, attention {kernel}")
-    line = (f"bench: first step done {ready - started + first:.1f} s after start (compile and warm-up "
-            f"{first - dt:.1f} s), {dt * 1000:.1f} ms/step, {b * world / dt:.1f} samples/s")
-    if cuda:
-        achieved = 3 * model_flops(cfg) * b / dt  # backward costs twice the forward
-        line += (f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB, "
-                 f"MFU {100 * achieved / (args.peak_tflops * 1e12):.1f}% of {args.peak_tflops:.0f} TFLOP/s")
-    else:
-        import resource
-        line += f", peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB"
-    print0(line)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-
-
 # -----------------------------------------------------------------------------
 # Command line. Paper numbers are the defaults; --tiny swaps in the classroom preset.
+
+# Training settings of each preset: the defaults of the command line, which any flag overrides.
+# 224 and 518 are the paper's recipe (8 GPUs); 518 fine-tunes the 224 weights with a fresh schedule.
+PRESETS = {224: dict(batch=16, steps=100_000, lr=4e-4, warmup=4000, perceptual=0.5, dinov2="download",
+                     data="data/re10k/train/full_list.txt", out="runs/x224", save_every=4000, eval_every=4000,
+                     log_every=100, workers=min(8, os.cpu_count()), keep_frames=False)}
+PRESETS[518] = PRESETS[224] | dict(batch=6, steps=80_000, lr=4e-5, dinov2="none", out="runs/x518")
+PRESETS["tiny"] = dict(batch=8, steps=1800, lr=1e-3, warmup=300, perceptual=0.0, dinov2="none",
+                       data="data/synthetic/train/full_list.txt", out="runs/tiny", save_every=200,
+                       eval_every=200, log_every=20, workers=0, keep_frames=True)
 
 
 def budget_arg(text):
@@ -1483,8 +1415,8 @@ def budget_arg(text):
     raise argparse.ArgumentTypeError(f"{text}: 'auto' or a share in (0, 1]")
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Train UP-LVSM (see the docstring of l3d.py for commands).")
+def make_parser(description="Train UP-LVSM (see the docstring of l3d.py for commands)."):
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--res", type=int, default=224, choices=[224, 518],
                     help="the paper's preset: 224 pre-training or 518 fine-tuning")
     ap.add_argument("--model", choices=["uplvsm", "ptlvsm"], default="uplvsm",
@@ -1528,9 +1460,13 @@ def parse_args(argv=None):
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="run the blocks eagerly (they are compiled only on CUDA); without compilation "
                     "the paper's batches need --grad-checkpoint on an 80 GB GPU")
-    ap.add_argument("--bench", action="store_true", help="time training steps on random inputs and exit")
-    ap.add_argument("--bench-steps", type=int, default=10, help="timed steps, after 3 untimed ones")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak for MFU (H100 SXM: 989)")
+    return ap
+
+
+def parse_args(argv=None, ap=None):
+    """The command line, with the preset's settings where no flag gave one. ap: make_parser() or one
+    built on it (bench.py's)."""
+    ap = ap or make_parser()
     args = ap.parse_args(argv)
     if args.out is None and args.model != "uplvsm":
         args.out = PRESETS["tiny" if args.tiny else args.res]["out"] + "_" + args.model
@@ -1538,7 +1474,7 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     resuming = any(Path(args.out).glob("ckpt_*.pt"))
-    if args.res == 518 and not (args.tiny or args.bench or args.init or resuming):
+    if args.res == 518 and not (args.tiny or args.init or resuming):
         ap.error(f"--res 518 fine-tunes the 224 model, and with nothing in {args.out} to resume and no "
                  f"--init it would start from noise: pass the 224 weights (--init runs/x224/ckpt_0100000.pt, "
                  f"or --init x224 for the released ones), or --init none to mean it")
@@ -1556,10 +1492,7 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     args = parse_args()
     try:
-        if args.bench:
-            bench(args)
-        else:
-            train(args)
+        train(args)
     except (FileNotFoundError, ValueError, OSError) as e:  # the message names the file and the problem
         raise SystemExit(f"l3d.py: {e}") from None
     except KeyboardInterrupt:

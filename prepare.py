@@ -47,7 +47,8 @@ import l3d
 
 
 def write_metadata(split_dir, name, frames):
-    l3d.write_atomic(split_dir / "metadata" / f"{name}.json", json.dumps({"scene_name": name, "frames": frames}, indent=1))
+    meta = json.dumps({"scene_name": name, "frames": frames}, indent=1)
+    l3d.write_atomic(split_dir / "metadata" / f"{name}.json", meta)
 
 
 def write_list(path, metas):
@@ -91,7 +92,8 @@ def convert_scene(scene, split_dir, png):
     if not torch.is_tensor(cameras) or cameras.ndim != 2 or cameras.shape[1] != 18:
         raise BadScene(f"cameras are not an [N, 18] tensor ({getattr(cameras, 'shape', type(cameras))})")
     if not isinstance(images, (list, tuple)) or len(images) != len(cameras):
-        raise BadScene(f"{len(cameras)} cameras but {len(images) if isinstance(images, (list, tuple)) else 'no'} images")
+        count = len(images) if isinstance(images, (list, tuple)) else "no"
+        raise BadScene(f"{len(cameras)} cameras but {count} images")
     image_dir = split_dir / "images" / name
     shutil.rmtree(image_dir, ignore_errors=True)  # frames left by a stopped run
     image_dir.mkdir(parents=True)
@@ -99,7 +101,7 @@ def convert_scene(scene, split_dir, png):
     for i, (camera, jpeg) in enumerate(zip(cameras.tolist(), images)):
         try:
             data = jpeg.numpy().tobytes()
-            img = Image.open(io.BytesIO(data)).convert("RGB")  # decodes every pixel: a corrupt frame fails here
+            img = Image.open(io.BytesIO(data)).convert("RGB")  # decodes every pixel: a bad frame fails here
         except Exception as e:
             shutil.rmtree(image_dir)
             raise BadScene(f"frame {i} does not decode ({type(e).__name__}: {e})") from e
@@ -195,7 +197,8 @@ def convert_re10k(src, out, split="all", png=False, workers=None):
             tqdm.write(f"warning: {r['chunk']}: skipped scene {name}: {why}", file=sys.stderr)
             summary["bad_scenes"].append((name, r["chunk"], why))
         if r["error"]:
-            tqdm.write(f"warning: {r['chunk']}: skipped the chunk, it does not load ({r['error']})", file=sys.stderr)
+            tqdm.write(f"warning: {r['chunk']}: skipped the chunk, it does not load ({r['error']})",
+                       file=sys.stderr)
             summary["bad_chunks"].append((r["chunk"], r["error"]))
     summary["seconds"] = time.time() - start
     summary["listed"] = {s: write_full_list(out / s) for s in splits}
@@ -204,10 +207,12 @@ def convert_re10k(src, out, split="all", png=False, workers=None):
         summary["scaling"] = write_scaling_lists(out / "train", train_chunks, on_disk)
 
     t = max(summary["seconds"], 1e-9)
-    print(f"converted {summary['scenes']} scenes, {summary['frames']} frames, {summary['bytes'] / 1e6:.1f} MB "
-          f"in {t:.1f} s ({summary['scenes'] / t:.2f} scenes/s, {summary['frames'] / t:.1f} frames/s)")
+    print(f"converted {summary['scenes']} scenes, {summary['frames']} frames, "
+          f"{summary['bytes'] / 1e6:.1f} MB in {t:.1f} s ({summary['scenes'] / t:.2f} scenes/s, "
+          f"{summary['frames'] / t:.1f} frames/s)")
     print(f"already converted before, skipped: {summary['done_before']} scenes")
-    print(f"skipped {len(summary['bad_scenes'])} bad scenes and {len(summary['bad_chunks'])} unreadable chunks")
+    print(f"skipped {len(summary['bad_scenes'])} bad scenes and {len(summary['bad_chunks'])} unreadable "
+          f"chunks")
     for name, chunk, why in summary["bad_scenes"]:
         print(f"  scene {name} of {chunk}: {why}")
     for chunk, why in summary["bad_chunks"]:
@@ -326,11 +331,11 @@ def random_room(rng, walk):
         if free(centre[:2] - r, centre[:2] + r):
             balls.append((centre, r, colorsys.hsv_to_rgb(rng.uniform(), 0.8, 0.9)))
     elevation, azimuth = rng.uniform(0.7, 1.2), rng.uniform(0, 2 * np.pi)
-    light = np.array([np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth), np.sin(elevation)])
-    return Room(lo, hi, kind, scale, a, b,
-                np.array([x[0] for x in boxes]), np.array([x[1] for x in boxes]), np.array([x[2] for x in boxes]),
-                np.array([x[0] for x in balls]), np.array([x[1] for x in balls]), np.array([x[2] for x in balls]),
-                light)
+    light = np.array([np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth),
+                      np.sin(elevation)])
+    box_arrays = [np.array([x[k] for x in boxes]) for k in range(3)]  # lows, highs, colours
+    ball_arrays = [np.array([x[k] for x in balls]) for k in range(3)]  # centres, radii, colours
+    return Room(lo, hi, kind, scale, a, b, *box_arrays, *ball_arrays, light)
 
 
 def random_scene(rng, n, w, h):
@@ -378,7 +383,8 @@ def cast(room, o, d):
 
 
 def room_texture(room, p, axis, at_hi):
-    """Albedo [3, n] of the room's faces at points p [3, n], on faces of axis [n] at the hi side or not [n]."""
+    """Albedo [3, n] of the room's faces at points p [3, n], on faces of axis [n], at the hi side or not
+    [n]."""
     face = 2 * axis + at_hi  # [n] in 0..5
     u = np.where(axis == 0, p[1], p[0])  # along a wall, or x on the floor and ceiling
     v = np.where(axis == 2, p[1], p[2])  # up a wall, or y on the floor and ceiling
@@ -403,7 +409,8 @@ def pixel_rays(fxfycxcy, w, h):
 
 
 def render(room, c2w, fxfycxcy, w, h, ss=2, chunk=8192):
-    """The w x h pictures seen by cameras c2w [v, 4, 4], averaging ss x ss rays per pixel -> uint8 [v, h, w, 3].
+    """The w x h pictures seen by cameras c2w [v, 4, 4], averaging ss x ss rays per pixel -> uint8
+    [v, h, w, 3].
 
     Rays go through the caster in chunks, small enough for its arrays to stay in the CPU's cache
     (25% faster than all at once).
@@ -412,9 +419,11 @@ def render(room, c2w, fxfycxcy, w, h, ss=2, chunk=8192):
     frames = []
     for pose in c2w:
         o, d = pose[:3, 3].astype(np.float32), (pose[:3, :3] @ rays).astype(np.float32)
-        rgb = np.concatenate([shade(room, *cast(room, o, d[:, i:i + chunk])[1:]) for i in range(0, d.shape[1], chunk)], 1)
+        rgb = np.concatenate([shade(room, *cast(room, o, d[:, i:i + chunk])[1:])
+                              for i in range(0, d.shape[1], chunk)], 1)
         frames.append(rgb.reshape(3, h, ss, w, ss).mean((2, 4)))  # [3, h*ss*w*ss] -> [3, h, w]
-    return np.round(255 * np.clip(np.stack(frames), 0, 1)).transpose(0, 2, 3, 1).astype(np.uint8)  # [v, 3, h, w] -> [v, h, w, 3]
+    frames = np.round(255 * np.clip(np.stack(frames), 0, 1)).astype(np.uint8)  # [v, 3, h, w]
+    return frames.transpose(0, 2, 3, 1)  # [v, 3, h, w] -> [v, h, w, 3]
 
 
 def make_scene(job):
@@ -474,7 +483,8 @@ def evaluation_index(rng, names, n):
             continue
         gap = int(rng.integers(25, min(45, n - 1) + 1))
         i = int(rng.integers(0, n - gap))
-        targets = sorted(int(x) for x in rng.choice(np.arange(i + gap // 4, i + gap - gap // 4), 3, replace=False))
+        middle = np.arange(i + gap // 4, i + gap - gap // 4)
+        targets = sorted(int(x) for x in rng.choice(middle, 3, replace=False))
         index[name] = {"context": [i, i + gap], "target": targets}
     return index
 
@@ -484,12 +494,13 @@ def make_synthetic(out="data/synthetic", size=(56, 32), frames=60, train_scenes=
     """Generate OUT/train and OUT/test (and OUT/test/evaluation_index.json), resuming a stopped run."""
     out, (w, h) = Path(out), size
     if frames < 27:
-        raise ValueError(f"frames={frames}: training needs a context gap of at least 25 and 6 frames inside it, so 27+")
+        raise ValueError(f"frames={frames}: training needs a context gap of at least 25 and 6 frames inside "
+                         f"it, so 27+")
     settings = {"size": [w, h], "frames": frames, "train_scenes": train_scenes, "test_scenes": test_scenes,
                 "seed": seed}
     stamp = out / "synthetic.json"
     if stamp.exists() and json.loads(stamp.read_text()) != settings:
-        raise FileExistsError(f"{stamp}: {out} was generated with other settings ({stamp.read_text()}); "
+        raise ValueError(f"{stamp}: {out} was generated with other settings ({stamp.read_text()}); "
                               f"delete it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     l3d.write_atomic(stamp, json.dumps(settings))
@@ -528,7 +539,8 @@ def parse_size(text):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("re10k", help="convert pixelSplat's RealEstate10K .torch chunks")
     p.add_argument("--src", required=True, help="folder with train/ and/or test/ of .torch chunks")
@@ -547,10 +559,14 @@ def main():
     p.add_argument("--workers", type=int, default=os.cpu_count())
     args = parser.parse_args()
 
-    if args.command == "re10k":
-        convert_re10k(args.src, args.out, args.split, args.png, args.workers)
-    else:
-        make_synthetic(args.out, args.size, args.frames, args.train_scenes, args.test_scenes, args.seed, args.workers)
+    try:
+        if args.command == "re10k":
+            convert_re10k(args.src, args.out, args.split, args.png, args.workers)
+        else:
+            make_synthetic(args.out, args.size, args.frames, args.train_scenes, args.test_scenes, args.seed,
+                           args.workers)
+    except (ValueError, OSError) as e:  # the message names the file and the problem
+        raise SystemExit(f"prepare.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def test_lpips_download_failure_says_what_to_do(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(lpips, "LPIPS", offline)
-    with pytest.raises(RuntimeError, match=r"vgg16-397923af\.pth.*--no-lpips"):
+    with pytest.raises(OSError, match=r"vgg16-397923af\.pth.*--no-lpips"):
         ev.load_lpips(torch.device("cpu"))
 
 

@@ -250,7 +250,7 @@ def test_layout_and_index(synthetic):
     before = mtimes(synthetic)
     prepare.make_synthetic(synthetic, size=(W, H), frames=FRAMES, train_scenes=2, test_scenes=1, seed=SEED)
     assert mtimes(synthetic) == before
-    with pytest.raises(FileExistsError, match="other settings"):
+    with pytest.raises(ValueError, match="other settings"):
         prepare.make_synthetic(synthetic, size=(W, H), frames=FRAMES, train_scenes=3, test_scenes=1, seed=SEED)
 
 
