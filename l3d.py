@@ -10,7 +10,7 @@ checkpoints, the loss, the data pipeline and the training loop.
 Train (the paper's 224 pre-training, then the 518 fine-tuning):
     torchrun --nproc_per_node 8 l3d.py --res 224 --data data/re10k/train/full_list.txt
     torchrun --nproc_per_node 8 l3d.py --res 518 --init runs/x224/ckpt_0100000.pt
-One GPU, for debugging (the blocks compile one at a time: the first step comes in under a minute):
+One GPU, for debugging (the blocks compile one at a time, in about a minute):
     python l3d.py --res 224 --batch 4 --out runs/debug
 The paper's posed-target baseline, PT-LVSM, with the same recipe:
     torchrun --nproc_per_node 8 l3d.py --res 224 --model ptlvsm
@@ -908,7 +908,7 @@ def index_views(list_path, index_path):
 
 # -----------------------------------------------------------------------------
 # Training: one process per GPU (or one on the CPU), AdamW with warm-up then cosine, the release's
-# skip rules, resumable checkpoints, held-out checks, and the bench
+# skip rules, the memory plan, resumable checkpoints, stop signals, the log and held-out checks
 
 
 def print0(*args, **kwargs):
@@ -940,7 +940,7 @@ def lr_at(step, peak, warmup, total):
 
 def make_optimizer(model, lr, weight_decay=0.05):
     """AdamW; matrices and conv kernels decay, vectors (norms, biases, LayerScale) do not. Fused: one
-    kernel for all parameters, on the GPU and on the CPU (12% off the tiny step on 2 cores)."""
+    kernel for all parameters, on the GPU and on the CPU."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
