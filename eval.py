@@ -269,7 +269,8 @@ def score(model, batch, device, autocast, lpips_net):
         c2w = torch.stack([s["c2w"] for s in batch])  # [b, 2 + v, 4, 4], the dataset's, float64
         p0, pt = (l3d.pose_to_c2w(p.double().cpu()) for p in (pose0, pose))
         errors = torch.stack(pose_errors(p0, pt, c2w[:, :1], c2w[:, 2:]))
-    values = [l3d.psnr(pred, gt).cpu(), ssim(pred, gt).cpu(), lp.double().cpu(), *errors.flatten(1)]
+    errors = errors.flatten(1)  # [2, b, v] -> [2, b*v]
+    values = [l3d.psnr(pred, gt).cpu(), ssim(pred, gt).cpu(), lp.double().cpu(), *errors]
     values = torch.stack(values, -1).reshape(b, v, -1).tolist()  # [b*v, metrics] -> [b, v, metrics]
     rows = [[[f, *m] for f, m in zip(s["target"], ms)] for s, ms in zip(batch, values)]
     return render, rows, seconds
