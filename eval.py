@@ -475,10 +475,10 @@ def check_run(out, args, res):
                          f"({', '.join(f'{k}: {before.get(k)}' for k in ('ckpt', 'data', 'index', 'res'))}); "
                          f"pass --restart to clear them, or another --out")
     if changed or args.restart:
-        for path in [out / name for name in ("images.csv", "metrics.csv", "summary.json")]:
-            path.unlink(missing_ok=True)
-        for path in out.glob("part.rank*.jsonl"):
-            path.unlink()
+        for old in [out / name for name in ("images.csv", "metrics.csv", "summary.json")]:
+            old.unlink(missing_ok=True)
+        for part in out.glob("part.rank*.jsonl"):
+            part.unlink()
         shutil.rmtree(out / "renders", ignore_errors=True)
     l3d.write_atomic(path, json.dumps(record) + "\n")
     return record

@@ -303,6 +303,8 @@ def test_scores_of_another_checkpoint_index_or_list_are_refused_then_restarted(t
     again = ev.main([*args, "--out", str(out), "--ckpt", str(moved), "--restart"])
     assert again["scored_now"] == 5 and again["psnr"] == pytest.approx(fresh["psnr"], abs=1e-9)
     assert abs(again["psnr"] - first["psnr"]) > 1e-3  # another model scored: the old scores are gone
+    # and the folder now belongs to the new checkpoint: a plain rerun is taken, with nothing left to score
+    assert ev.main([*args, "--out", str(out), "--ckpt", str(moved)])["scored_now"] == 0
 
 
 def test_a_scene_counts_as_scored_only_once_its_video_is_written(tiny_run, tmp_path, monkeypatch):
