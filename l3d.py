@@ -590,7 +590,7 @@ def download(url):
             torch.hub.download_url_to_file(url, str(dest), progress=True)
         except OSError as e:
             raise OSError(f"could not download {url} to {dest} ({e}); download it by hand and put it "
-                               f"there (or point L3D_CACHE at a folder that holds it)") from e
+                          f"there (or point L3D_CACHE at a folder that holds it)") from e
     return dest
 
 
@@ -966,26 +966,33 @@ def psnr(pred, target):
     return -10 * torch.log10(mse)
 
 
+def sample_stacks(cfg, v_ctx=2, v_tgt=6):
+    """The transformer stacks one training sample goes through -> [(blocks, tokens a sequence, tokens
+    the last block keeps, sequences)]: the tokenizer first, once per image it reads."""
+    n, L = (cfg.image_size // cfg.patch_size) ** 2, cfg.n_latents
+    t = 1 + cfg.tok_registers + n
+    if cfg.model == "ptlvsm":  # the context images only, then per target one stack over its n and the 2n
+        return [(cfg.tok_depth, t, t, v_ctx), (cfg.n_blocks, (v_ctx + 1) * n, n, v_tgt)]
+    return [(cfg.tok_depth, t, t, v_ctx + v_tgt), (cfg.n_encoder, L + v_ctx * n, L, 1),
+            (cfg.n_estimator, n + L, n, v_tgt), (cfg.n_decoder, n + L, n, v_tgt)]
+
+
 def model_flops(cfg, v_ctx=2, v_tgt=6):
     """Forward FLOPs of one training sample (matmuls only, 2 per multiply-add)."""
-    d, n, L = cfg.dim, (cfg.image_size // cfg.patch_size) ** 2, cfg.n_latents
+    d, p2, n = cfg.dim, cfg.patch_size ** 2, (cfg.image_size // cfg.patch_size) ** 2
 
-    def blocks(depth, tokens, kept, seqs=1):
+    def blocks(depth, tokens, kept, seqs):
         # per token qkv 6 d^2, proj and MLP 18 d^2, attention 4 d per key; the last block asks queries
         # of the kept tokens only
         full = 24 * d * d * tokens + 4 * tokens * tokens * d
         last = 6 * d * d * tokens + 18 * d * d * kept + 4 * kept * tokens * d
         return seqs * ((depth - 1) * full + last)
 
-    t = 1 + cfg.tok_registers + n
-    tok = 2 * 3 * cfg.patch_size ** 2 * d * n + blocks(cfg.tok_depth, t, t)  # per image
-    p2 = cfg.patch_size ** 2
+    stacks = sample_stacks(cfg, v_ctx, v_tgt)
+    images = stacks[0][3]
+    patch_embed = images * 2 * 3 * p2 * d * n
     rays_and_pixels = 2 * 6 * p2 * d * n * (1 + v_tgt) + 2 * d * 3 * p2 * n * v_tgt
-    if cfg.model == "ptlvsm":  # the context images only, then per target one stack over its n and the 2n
-        return v_ctx * tok + blocks(cfg.n_blocks, (v_ctx + 1) * n, n, v_tgt) + rays_and_pixels
-    return ((v_ctx + v_tgt) * tok + blocks(cfg.n_encoder, L + v_ctx * n, L)
-            + blocks(cfg.n_estimator, n + L, n, v_tgt) + blocks(cfg.n_decoder, n + L, n, v_tgt)
-            + rays_and_pixels)
+    return patch_embed + sum(blocks(*stack) for stack in stacks) + rays_and_pixels
 
 
 # Activation memory of the compiled blocks under each budget, in bytes per token, block and channel,
@@ -996,11 +1003,7 @@ VGG_BYTES_PER_PIXEL = 1000
 
 def token_blocks(cfg, v_ctx=2, v_tgt=6):
     """Tokens times the blocks they pass through, summed over one training sample."""
-    n, L = (cfg.image_size // cfg.patch_size) ** 2, cfg.n_latents
-    tok = (v_ctx + v_tgt) * (1 + cfg.tok_registers + n) * cfg.tok_depth
-    if cfg.model == "ptlvsm":
-        return v_ctx * (1 + cfg.tok_registers + n) * cfg.tok_depth + v_tgt * (v_ctx + 1) * n * cfg.n_blocks
-    return tok + (L + v_ctx * n) * cfg.n_encoder + v_tgt * (n + L) * (cfg.n_estimator + cfg.n_decoder)
+    return sum(depth * tokens * seqs for depth, tokens, _, seqs in sample_stacks(cfg, v_ctx, v_tgt))
 
 
 def step_memory(model, batch, budget, perceptual):
