@@ -1380,8 +1380,9 @@ def train(args):
                 ckpt = {"model": model.state_dict(), "config": asdict(cfg), "optimizer": opt.state_dict(),
                         "step": step, "updates": updates + int(applied),
                         "elapsed": elapsed + time.time() - started, "args": vars(args)}
+                saving = time.time()
                 bar.write(f"saved {save_checkpoint(out, ckpt, args.keep)}")
-                tick = time.time()
+                tick += time.time() - saving  # samples/s counts training time only
     bar.close()
     minutes, seconds = divmod(round(time.time() - started), 60)
     if stopped:
