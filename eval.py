@@ -26,12 +26,26 @@ l3d checkpoints record their image size, so --res can be left out:
         --index data/synthetic/test/evaluation_index.json --out runs/tiny/eval --no-lpips
 
 What lands in --out:
-    images.csv    scene,view,psnr,ssim,lpips,pose_rotation_error_deg,pose_translation_error_deg
-                  one row per target image (view: its frame number)
-    metrics.csv   scene,psnr,ssim,lpips,pose_...   one row per scene: means over its targets
-    summary.json  means over all target images, counts of scenes scored (scored_now: by the last run)
-                  and of index entries skipped
+    images.csv    scene,view,position,psnr,ssim,lpips,copy_psnr,camera_worth_db,pose_rotation_error_deg,
+                  pose_translation_error_deg: one row per target image (view: its frame number;
+                  position: where it lies between the context frames, 0 at the first, 1 at the second)
+    metrics.csv   scene,psnr,...   one row per scene: means over its targets
+    cameras.csv   scene,view,e00..e23,g00..g23: the relative camera the model estimated for each target
+                  (P0^-1 Pt, 3x4 row by row) and the true one (C0^-1 Ct), which the linear probe reads
+    summary.json  means over all target images (images_averaged: how many each mean has), the
+                  linear probe, the means at each position between the context views (by_position),
+                  counts of scenes scored (scored_now: by the last run) and of index entries skipped
     renders/      with --save-images and --video: context strip, target | render pairs, a video
+Beyond the paper's metrics, three that a model rendering one blurry image per scene cannot pass:
+    copy_psnr         PSNR of the better context view copied as the render (a context view that
+                      is the target itself left out): what a model must beat
+    camera_worth_db   PSNR minus the PSNR of the same target rendered from the camera of the next
+                      target of its scene: 0 for a model that ignores its camera
+    probe_*           a linear map from the estimated relative camera (12 numbers and a constant) to
+                      the true relative rotation (rotation vector) and translation direction, fitted
+                      on the scenes at even places in name order and scored on the odd ones, then the
+                      other way round: R^2 near 1 when the learned cameras are the true ones in
+                      other coordinates, 0 or below when they carry no trace of them
 With --no-lpips the lpips columns read nan and summary.json has "lpips": null. A rerun with the
 same --out scores only the scenes not yet in images.csv: every process appends each finished
 scene (its renders written) to its own part file, and the part files are merged into the CSVs at
@@ -172,7 +186,7 @@ def render_path(model, latents, poses, fxfycxcy, chunk=8, bar=False):
     float32, decoded `chunk` frames at a time: chunks bound the decoder's memory."""
     starts = range(0, len(poses), chunk)
     frames = [model.decode(latents, l3d.pose_to_c2w(poses[None, j:j + chunk]), fxfycxcy[None, j:j + chunk])[0]
-              for j in tqdm(starts, desc="rendering", unit="chunk", disable=not bar)]
+              for j in l3d.progress(starts, desc="rendering", unit="chunk", disable=not bar)[0]]
     return torch.cat(frames).float()
 
 
@@ -228,14 +242,12 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def pose_errors(p0, pt, c0, ct):
-    """How far the model's cameras are from the dataset's, in degrees, float64. p0 [b, 1, 4, 4] and
-    pt [b, v, 4, 4]: the camera-to-world matrices the model estimates for context view 0 and for the
-    targets; c0, ct: the dataset's. Both sides are taken relative to context view 0, the frame
-    UP-LVSM works in: E = P0^-1 Pt, G = C0^-1 Ct -> (the angle of E_R^T G_R, the angle between E_t
-    and G_t), each [b, v]. Translations are compared by direction only, the model's scale being its
-    own; NaN where the true camera did not move (|G_t| < 1e-6)."""
-    e, g = torch.linalg.inv(p0) @ pt, torch.linalg.inv(c0) @ ct  # [b, v, 4, 4]
+def pose_errors(e, g):
+    """How far the model's cameras are from the dataset's, in degrees, float64. e [b, v, 4, 4]: the
+    cameras the model estimates for the targets relative to the one it estimates for context view 0,
+    E = P0^-1 Pt, the frame UP-LVSM works in; g: the dataset's, G = C0^-1 Ct -> (the angle of
+    E_R^T G_R, the angle between E_t and G_t), each [b, v]. Translations are compared by direction
+    only, the model's scale being its own; NaN where the true camera did not move (|G_t| < 1e-6)."""
     r = e[..., :3, :3].transpose(-1, -2) @ g[..., :3, :3]
     cos = ((r.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)  # trace = 1 + 2 cos(angle)
     et, gt = e[..., :3, 3], g[..., :3, 3]
@@ -244,36 +256,61 @@ def pose_errors(p0, pt, c0, ct):
     return torch.rad2deg(torch.arccos(cos)), torch.rad2deg(translation)
 
 
+def positions(context, target):
+    """Where each target lies between the first two context frames: 0 at the first, 1 at the second,
+    outside [0, 1] beyond them; NaN with one context view."""
+    if len(context) < 2 or context[0] == context[1]:
+        return [math.nan] * len(target)
+    return [(t - context[0]) / (context[1] - context[0]) for t in target]
+
+
 @torch.no_grad()
 def score(model, batch, device, autocast, lpips_net):
-    """A batch of b loaded scenes -> renders [b, v, 3, R, R] float32, per scene rows [frame number,
-    *METRICS] for each of its v targets, and the seconds the model took to render."""
-    ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w = (torch.stack([s[key] for s in batch]).to(device)
-                                                for key in l3d.MODEL_INPUTS)
+    """A batch of b loaded scenes with the same view counts -> renders [b, v, 3, R, R] float32, per
+    scene rows [frame number, position, *METRICS] for each of its v targets, per scene rows of
+    CAMERAS (the relative cameras the probe reads), and the seconds the model took to render."""
+    inputs = [torch.stack([s[key] for s in batch]).to(device) for key in l3d.MODEL_INPUTS]
+    ctx, ctx_k, tgt = inputs[:3]
     synchronize(device)
     start = time.time()
     with autocast:
-        render, pose = model(ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w)
+        render, pose = model(*inputs)
     synchronize(device)
     seconds = time.time() - start
     render = render.float()
-    b, v = tgt.shape[:2]
+    b, v_ctx, v = ctx.shape[0], ctx.shape[1], tgt.shape[1]
     pred, gt = render.flatten(0, 1), tgt.flatten(0, 1)  # [b, v, 3, R, R] -> [b*v, 3, R, R]
+    psnr = l3d.psnr(pred, gt).cpu()
     lp = torch.full((b * v,), math.nan)
     if lpips_net:
         lp = lpips_net(gt, pred, normalize=True).flatten()  # [b*v, 1, 1, 1] -> [b*v]
-    errors = torch.full((2, b, v), math.nan, dtype=torch.float64)
+    # the better context view copied; for a target that is a context view, the better of the others
+    copies = torch.stack([l3d.psnr(ctx[:, k:k + 1].expand_as(tgt).flatten(0, 1), gt).cpu().reshape(b, v)
+                          for k in range(v_ctx)])  # [v_ctx, b, v]
+    itself = torch.tensor([[[t == s["context"][k] for t in s["target"]] for s in batch] for k in range(v_ctx)])
+    copy = copies.masked_fill(itself, -math.inf).amax(0).flatten()  # [v_ctx, b, v] -> [b*v]
+    copy = copy.masked_fill(copy == -math.inf, math.nan)
+    worth = torch.full((b * v,), math.nan, dtype=torch.float64)
+    if v > 1:  # untimed: every target again, from the next target's camera
+        with autocast:
+            other = l3d.next_camera_renders(model, *inputs, pose).float().flatten(0, 1)  # [b*v, 3, R, R]
+        worth = psnr - l3d.psnr(other, gt).cpu()
+    c2w = torch.stack([s["c2w"] for s in batch])  # [b, v_ctx + v, 4, 4], the dataset's, float64
+    g = torch.linalg.inv(c2w[:, :1]) @ c2w[:, v_ctx:]  # [b, v, 4, 4]
+    e = torch.full_like(g, math.nan)
     if pose is not None:  # UP-LVSM: context view 0 through the pose estimator too, untimed
         with autocast:
             pose0 = model.estimate_pose(model.encode(ctx, ctx_k), ctx[:, :1])  # [b, 1, 7]
-        c2w = torch.stack([s["c2w"] for s in batch])  # [b, 2 + v, 4, 4], the dataset's, float64
         p0, pt = (l3d.pose_to_c2w(p.double().cpu()) for p in (pose0, pose))
-        errors = torch.stack(pose_errors(p0, pt, c2w[:, :1], c2w[:, 2:]))
-    errors = errors.flatten(1)  # [2, b, v] -> [2, b*v]
-    values = [l3d.psnr(pred, gt).cpu(), ssim(pred, gt).cpu(), lp.double().cpu(), *errors]
+        e = torch.linalg.inv(p0) @ pt  # [b, v, 4, 4]
+    errors = torch.stack(pose_errors(e, g)).flatten(1)  # [2, b, v] -> [2, b*v]
+    values = [psnr, ssim(pred, gt).cpu(), lp.double().cpu(), copy, worth, *errors]
     values = torch.stack(values, -1).reshape(b, v, -1).tolist()  # [b*v, metrics] -> [b, v, metrics]
-    rows = [[[f, *m] for f, m in zip(s["target"], ms)] for s, ms in zip(batch, values)]
-    return render, rows, seconds
+    rows = [[[f, x, *m] for f, x, m in zip(s["target"], positions(s["context"], s["target"]), ms)]
+            for s, ms in zip(batch, values)]
+    cameras = torch.cat([e[..., :3, :].flatten(2), g[..., :3, :].flatten(2)], -1)  # [b, v, 24]
+    cameras = [[[f, *c] for f, c in zip(s["target"], cs)] for s, cs in zip(batch, cameras.tolist())]
+    return render, rows, cameras, seconds
 
 
 def save_images(folder, scene, render):
@@ -394,10 +431,14 @@ def render_photos(args, photos, model, device):
 
 
 # -----------------------------------------------------------------------------
-# Result files: per-process part files merged into images.csv and metrics.csv
+# Result files: per-process part files merged into images.csv, cameras.csv and metrics.csv
 
 
-METRICS = ["psnr", "ssim", "lpips", "pose_rotation_error_deg", "pose_translation_error_deg"]
+METRICS = ["psnr", "ssim", "lpips", "copy_psnr", "camera_worth_db", "pose_rotation_error_deg",
+           "pose_translation_error_deg"]
+IMAGE_COLUMNS = ["view", "position", *METRICS]
+# the model's relative camera E = P0^-1 Pt and the dataset's G = C0^-1 Ct, the top 3 x 4 of each, row-major
+CAMERA_COLUMNS = ["view"] + [f"{m}{i}{j}" for m in "eg" for i in range(3) for j in range(4)]
 
 
 def csv_text(header, rows):
@@ -409,26 +450,28 @@ def csv_text(header, rows):
     return text.getvalue()
 
 
-def read_images_csv(path):
-    """images.csv -> {scene: [[frame number, *METRICS], ...]} ({} when there is none yet)."""
+def read_table(path, columns):
+    """images.csv or cameras.csv -> {scene: [[frame number, *the other columns as floats], ...]} ({}
+    when there is none yet)."""
     if not path.exists():
         return {}
     scenes = {}
     with open(path, newline="") as f:
         for n, row in enumerate(csv.DictReader(f), start=2):
             try:
-                values = [int(row["view"])] + [float(row[k]) for k in METRICS]
+                values = [int(row["view"])] + [float(row[k]) for k in columns[1:]]
                 scenes.setdefault(row["scene"], []).append(values)
             except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: line {n} is not 'scene,view,{','.join(METRICS)}'; rerun with "
+                raise ValueError(f"{path}: line {n} is not 'scene,{','.join(columns)}'; rerun with "
                                  f"--restart to score from scratch") from None
     return scenes
 
 
 def merge_parts(out):
-    """Fold the part files of earlier or current processes into images.csv and metrics.csv, then delete
-    them."""
-    scenes = read_images_csv(out / "images.csv")
+    """Fold the part files of earlier or current processes into images.csv, cameras.csv and
+    metrics.csv, then delete them."""
+    scenes = read_table(out / "images.csv", IMAGE_COLUMNS)
+    cameras = read_table(out / "cameras.csv", CAMERA_COLUMNS)
     parts = sorted(out.glob("part.rank*.jsonl"))
     for part in parts:
         for line in part.read_text().splitlines():
@@ -437,13 +480,92 @@ def merge_parts(out):
             except ValueError:  # a killed process's last line can be cut short: that scene is scored again
                 continue
             scenes.setdefault(record["scene"], record["rows"])
+            cameras.setdefault(record["scene"], record["cameras"])
     names = sorted(scenes)
-    l3d.write_atomic(out / "images.csv", csv_text(["scene", "view", *METRICS],
+    l3d.write_atomic(out / "images.csv", csv_text(["scene", *IMAGE_COLUMNS],
                                               [[s, *row] for s in names for row in scenes[s]]))
-    means = [[s, *nanmean([row[1:] for row in scenes[s]])] for s in names]
+    l3d.write_atomic(out / "cameras.csv", csv_text(["scene", *CAMERA_COLUMNS],
+                                               [[s, *row] for s in sorted(cameras) for row in cameras[s]]))
+    means = [[s, *nanmean([row[2:] for row in scenes[s]])[0]] for s in names]
     l3d.write_atomic(out / "metrics.csv", csv_text(["scene", *METRICS], means))
     for part in parts:
         part.unlink()
+
+
+# -----------------------------------------------------------------------------
+# The linear probe: how much of the true relative camera a linear map can read off the model's
+
+
+def rotation_vector(r):
+    """Rotation matrices [N, 3, 3] -> rotation vectors [N, 3] (the axis times the angle in radians),
+    float64."""
+    r = np.asarray(r, dtype=np.float64)
+    cos = np.clip((np.trace(r, axis1=1, axis2=2) - 1) / 2, -1, 1)
+    angle = np.arccos(cos)
+    skew = np.stack([r[:, 2, 1] - r[:, 1, 2], r[:, 0, 2] - r[:, 2, 0], r[:, 1, 0] - r[:, 0, 1]], -1)  # 2 sin(angle) axis
+    sin = np.sin(angle)
+    small = sin < 1e-6
+    v = np.where(small, 0.5, angle / (2 * np.where(small, 1.0, sin)))[:, None] * skew  # angle -> 0: skew / 2
+    half_turn = small & (cos < 0)  # there skew vanishes: (R + I) / 2 is axis axis^T, its largest column the axis
+    for k in np.flatnonzero(half_turn):
+        outer = (r[k] + np.eye(3)) / 2
+        column = outer[:, np.argmax(np.linalg.norm(outer, axis=0))]
+        v[k] = np.pi * column / np.linalg.norm(column)
+    return v
+
+
+def rotation_matrix(v):
+    """Rotation vectors [N, 3] -> rotation matrices [N, 3, 3] (Rodrigues), float64."""
+    v = np.asarray(v, dtype=np.float64)
+    angle = np.linalg.norm(v, axis=1)
+    axis = v / np.maximum(angle, 1e-300)[:, None]
+    k = np.zeros((len(v), 3, 3))
+    k[:, 0, 1], k[:, 0, 2], k[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
+    k -= k.transpose(0, 2, 1)
+    s, c = np.sin(angle)[:, None, None], np.cos(angle)[:, None, None]
+    return np.eye(3) + s * k + (1 - c) * k @ k
+
+
+def linear_probe(e, g, scenes):
+    """Fit a linear map from the model's relative cameras to the true ones, and score it on scenes it
+    was not fitted on. e, g [N, 3, 4]: E = P0^-1 Pt and G = C0^-1 Ct of N targets; scenes [N]: their
+    scene names. Inputs: the 12 entries of E and a constant; outputs: G's rotation vector, and G's
+    translation direction (targets where the camera moved). Least squares on the scenes at even
+    positions in name order, scored on the odd ones, then the other way round -> {"rotation_r2",
+    "translation_r2": 1 - residual / total sum of squares, each fold's total about its own mean,
+    pooled over the folds and the 3 components (0: no better than the mean, below: worse),
+    "rotation_error_deg": the mean angle between the probe's rotations and the true ones,
+    "targets": N}, or {"targets": N, "note": why there is no fit}."""
+    e, g = np.asarray(e, dtype=np.float64).reshape(-1, 12), np.asarray(g, dtype=np.float64)
+    names = sorted(set(scenes))
+    fold = np.array([names.index(s) % 2 for s in scenes])
+    x = np.concatenate([e, np.ones((len(e), 1))], 1)  # [N, 13]
+    moved = np.linalg.norm(g[:, :, 3], axis=1) >= 1e-6
+    outputs = {"rotation": (rotation_vector(g[:, :, :3]), np.isfinite(e).all(1)),
+               "translation": (g[:, :, 3] / np.where(moved, np.linalg.norm(g[:, :, 3], axis=1), 1)[:, None],
+                               np.isfinite(e).all(1) & moved)}
+    result = {"targets": len(e)}
+    if not np.isfinite(e).any():
+        return result | {"note": "the model gives no cameras of its own (PT-LVSM is given them)"}
+    for name, (y, usable) in outputs.items():
+        residual = total = 0.0
+        predicted = np.zeros_like(y)
+        for test in (0, 1):
+            fit, scored = usable & (fold != test), usable & (fold == test)
+            if fit.sum() <= x.shape[1] or not scored.any():
+                return result | {"note": f"too few targets to fit the {name} probe: {int(fit.sum())} in the "
+                                         f"scenes of one half, {x.shape[1] + 1} needed (13 inputs; ask for at "
+                                         f"least 2 targets a scene, over more scenes)"}
+            w = np.linalg.lstsq(x[fit], y[fit], rcond=None)[0]  # [13, 3]
+            predicted[scored] = x[scored] @ w
+            residual += ((y[scored] - predicted[scored]) ** 2).sum()
+            total += ((y[scored] - y[scored].mean(0)) ** 2).sum()
+        result[f"{name}_r2"] = 1 - residual / total if total > 0 else None
+        if name == "rotation":
+            r = rotation_matrix(predicted[usable]).transpose(0, 2, 1) @ g[usable, :, :3]
+            cos = np.clip((np.trace(r, axis1=1, axis2=2) - 1) / 2, -1, 1)
+            result["rotation_error_deg"] = float(np.degrees(np.arccos(cos)).mean())
+    return result
 
 
 def file_digest(path):
@@ -466,7 +588,10 @@ def check_run(out, args, res):
               "data_blake2b": file_digest(args.data), "index": str(Path(args.index).resolve()),
               "index_blake2b": file_digest(args.index), "res": res}
     path = out / "run.json"
-    before = json.loads(path.read_text()) if path.exists() else record
+    # a run that stopped before it scored anything holds no scores to protect from mixing
+    parts = [p for p in out.glob("part.rank*.jsonl") if p.stat().st_size]
+    holds_scores = bool(parts or read_table(out / "images.csv", IMAGE_COLUMNS))
+    before = json.loads(path.read_text()) if path.exists() and holds_scores else record
     compared = {"checkpoint": ["ckpt_blake2b"], "data list": ["data", "data_blake2b"],
                 "index": ["index_blake2b"], "image size": ["res"]}
     changed = [what for what, keys in compared.items() if any(before.get(k) != record[k] for k in keys)]
@@ -475,7 +600,7 @@ def check_run(out, args, res):
                          f"({', '.join(f'{k}: {before.get(k)}' for k in ('ckpt', 'data', 'index', 'res'))}); "
                          f"pass --restart to clear them, or another --out")
     if changed or args.restart:
-        for old in [out / name for name in ("images.csv", "metrics.csv", "summary.json")]:
+        for old in [out / name for name in ("images.csv", "metrics.csv", "cameras.csv", "summary.json")]:
             old.unlink(missing_ok=True)
         for part in out.glob("part.rank*.jsonl"):
             part.unlink()
@@ -485,19 +610,48 @@ def check_run(out, args, res):
 
 
 def nanmean(rows):
-    """Column means of rows of numbers, NaN left out (a camera that did not move has no translation
-    direction); NaN where a column holds nothing else (no LPIPS, no pose for PT-LVSM)."""
+    """Column means of rows of METRICS, NaN left out (a camera that did not move has no translation
+    direction) -> (means, the number of values each averages); NaN where a column holds nothing else
+    (no LPIPS, no pose for PT-LVSM)."""
     values = np.array(rows, dtype=np.float64).reshape(-1, len(METRICS))
     counts = (~np.isnan(values)).sum(0)
-    return [float(np.nansum(c) / n) if n else math.nan for c, n in zip(values.T, counts)]
+    return [float(np.nansum(c) / n) if n else math.nan for c, n in zip(values.T, counts)], counts.tolist()
+
+
+def finite_or_null(x):
+    """NaN and infinities -> None, in nested dicts and lists: JSON has no NaN."""
+    if isinstance(x, dict):
+        return {k: finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite_or_null(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def summarize(out, counts, record):
-    """summary.json from images.csv: means over every target image scored in any run, and the counts."""
-    scenes = read_images_csv(out / "images.csv")
-    values = [row[1:] for rows in scenes.values() for row in rows]  # [images, metrics]
-    summary = {name: None if math.isnan(m) else m for name, m in zip(METRICS, nanmean(values))}
-    summary |= {"scenes": len(scenes), "images": len(values), **counts, **record}
+    """summary.json from images.csv and cameras.csv: means over every target image scored in any run
+    and how many images each averages, the linear probe, the means at each position between the
+    context views, and the counts."""
+    scenes = read_table(out / "images.csv", IMAGE_COLUMNS)
+    rows = [row for name in sorted(scenes) for row in scenes[name]]
+    means, n = nanmean([row[2:] for row in rows])
+    summary = {name: None if math.isnan(m) else m for name, m in zip(METRICS, means)}
+    summary |= {"images_averaged": dict(zip(METRICS, n))}
+    cameras = read_table(out / "cameras.csv", CAMERA_COLUMNS)
+    flat = [(name, row[1:]) for name in sorted(cameras) for row in cameras[name]]
+    if flat:
+        values = np.array([v for _, v in flat])  # [N, 24]
+        probe = linear_probe(values[:, :12].reshape(-1, 3, 4), values[:, 12:].reshape(-1, 3, 4),
+                             [name for name, _ in flat])
+        summary |= {f"probe_{k}": v for k, v in probe.items()}
+    at = {}  # positions to the nearest 0.05: a fraction of a gap of 25 or more frames lands within 0.02
+    for row in rows:
+        if math.isfinite(row[1]):  # one context view: no position
+            at.setdefault(round(row[1] * 20) / 20, []).append(row[2:])
+    if at:
+        summary["by_position"] = {f"{x:g}": dict(zip(["images", *METRICS], [len(v), *nanmean(v)[0]]))
+                                  for x, v in sorted(at.items())}
+    summary |= {"scenes": len(scenes), "images": len(rows), **counts, **record}
+    summary = finite_or_null(summary)
     l3d.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -553,6 +707,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="do not torch.compile the transformer blocks (compiled only on CUDA)")
     args = ap.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a file; it names the folder the scores go in")
     if args.photos and len(args.photos) != 2:
         ap.error(f"--photos takes two images of one scene, A and B; got {len(args.photos)}: "
                  f"{' '.join(args.photos)}")
@@ -565,8 +721,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = l3d.setup(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda"
-                                                                             else "fp32")]
+    dtype = l3d.autocast_dtype(device, args.dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     photos = [read_photo(path, args.fov) for path in args.photos or []]  # bad photos fail before a download
     model = rank0_first(rank, lambda: l3d.load_model(args.ckpt, args.res)).to(device)
@@ -586,26 +741,33 @@ def main(argv=None):
         merge_parts(out)
     barrier()
     views, counts = l3d.index_views(args.data, args.index)
-    done = read_images_csv(out / "images.csv")
+    done = read_table(out / "images.csv", IMAGE_COLUMNS)
     mine = [v for v in views if v[0] not in done][rank::world]  # each scene on one rank: no padding, no drops
     lpips_net = rank0_first(rank, lambda: load_lpips(device)) if args.lpips else None
     loader = torch.utils.data.DataLoader(IndexedScenes(mine, cfg.image_size, cfg.patch_size), batch_size=None,
                                          num_workers=args.workers)
-    skipped = {"out_of_range": 0, "unreadable": 0}
+    skipped = {"out_of_range": 0, "unreadable": 0, "nonfinite": 0}
     scored = 0
     # throughput after the first batch, which pays for compilation: the model alone, and everything
     rendered, model_seconds, start = 0, 0.0, None
-    bar = tqdm(loader, desc=f"rank 0 of {world}", disable=rank != 0)
+    bar = l3d.progress(loader, desc=f"rank 0 of {world}", disable=rank != 0)[0]
     with open(out / f"part.rank{rank}.jsonl", "a") as part:
         for batch in batches(bar, args.batch, skipped):
-            renders, rows, seconds = score(model, batch, device, autocast, lpips_net)
+            renders, rows, cameras, seconds = score(model, batch, device, autocast, lpips_net)
             if start is None:
                 start = time.time()
             else:
                 rendered += renders.shape[0] * renders.shape[1]
                 model_seconds += seconds
             scored += len(batch)
-            for scene, render, scene_rows in zip(batch, renders, rows):
+            for scene, render, scene_rows, scene_cameras in zip(batch, renders, rows, cameras):
+                if not (torch.isfinite(render).all() and all(math.isfinite(r[2]) and math.isfinite(r[3])
+                                                             for r in scene_rows)):
+                    # kept out of the means and not recorded as scored, so a rerun tries it again
+                    skipped["nonfinite"] += 1
+                    tqdm.write(f"eval.py: {scene['scene']} not scored: its renders or scores are not finite "
+                               f"(NaN or infinite; look at its intrinsics and cameras)")
+                    continue
                 if args.save_images:
                     save_images(out / "renders" / scene["scene"], scene, render)
                 if args.video:
@@ -613,7 +775,8 @@ def main(argv=None):
                         frames = render_video(model, scene, args.video, device)
                     save_video(out / "renders" / scene["scene"], frames)
                 # recorded once its files are written: a killed run scores a scene again, renders and all
-                part.write(json.dumps({"scene": scene["scene"], "rows": scene_rows}) + "\n")
+                scored_scene = {"scene": scene["scene"], "rows": scene_rows, "cameras": scene_cameras}
+                part.write(json.dumps(scored_scene) + "\n")
                 part.flush()
     if rendered and not args.video and not args.save_images:
         print(f"rank {rank}: rendered {rendered} views after the first batch: {rendered / model_seconds:.1f} "
@@ -629,13 +792,24 @@ def main(argv=None):
         counts |= {k: sum(s[k] for _, s in every) for k in skipped}
         summary = summarize(out, counts | {"scored_now": sum(n for n, _ in every)}, record)
         means = "  ".join(f"{k} {summary[k]:.4f}" if summary[k] is not None else f"{k} -"
-                          for k in ("psnr", "ssim", "lpips"))
+                          for k in ("psnr", "ssim", "lpips", "copy_psnr", "camera_worth_db"))
         print(f"{means}  over {summary['images']} images of {summary['scenes']} scenes "
               f"({summary['scored_now']} scored by this run); not scored: "
               + ", ".join(f"{counts[k]} {k}" for k in ("index_null", "missing", *skipped))
               + f"; files in {out}")
+        if "probe_note" in summary:
+            print(f"linear probe of the cameras: none, {summary['probe_note']}")
+        elif "probe_targets" in summary:
+            r2 = [f"{summary[k]:.3f}" if summary[k] is not None else "-"
+                  for k in ("probe_rotation_r2", "probe_translation_r2")]
+            print(f"linear probe of the cameras ({summary['probe_targets']} targets): R^2 rotation {r2[0]}, "
+                  f"translation direction {r2[1]}; rotation error {summary['probe_rotation_error_deg']:.1f} deg "
+                  f"(raw: {summary['pose_rotation_error_deg']:.1f})")
     if dist.is_initialized():
         dist.destroy_process_group()
+    if summary is not None and summary["images"] == 0:
+        raise ValueError(f"nothing scored: no scene of the index {args.index} could be scored from the list "
+                         f"{args.data} (the counts above say why)")
     return summary
 
 

@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -459,6 +460,19 @@ class PTLVSM(LVSM):
         return self.pixels(self.run(self.blocks, x, keep=slice(-n, None)), b, v), None
 
 
+@torch.no_grad()
+def next_camera_renders(model, ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy, ctx_c2w, tgt_c2w, pose):
+    """Each target rendered from the camera of the next target of its scene, cyclically: the one
+    UP-LVSM estimated for it (pose [b, v, 7], the forward's) or the one PT-LVSM is given (pose None)
+    -> [b, v, 3, R, R]. Scored against the targets, it prices the camera: a model that ignores its
+    camera renders the same image and loses nothing."""
+    if pose is None:
+        return model(ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxcy.roll(-1, 1), ctx_c2w,
+                     tgt_c2w.roll(-1, 1))[0]
+    latents = model.encode(ctx_images, ctx_fxfycxcy)
+    return model.decode(latents, pose_to_c2w(pose.roll(-1, 1).float()), tgt_fxfycxcy.roll(-1, 1))
+
+
 def make_model(cfg):
     if cfg.model not in ("uplvsm", "ptlvsm"):
         raise ValueError(f"unknown model {cfg.model!r}: l3d has uplvsm and ptlvsm")
@@ -572,6 +586,9 @@ def load_model(ckpt, res=None, config=None):
         sd = rename(sd, RELEASE_PREFIXES, RELEASE_LAYERS)
     model = make_model(cfg)
     load_weights(model, sd, source)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a run that diverged: every render would be NaN, and every mean of them meaningless
+        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite weights, the first {bad[0]}")
     return model.eval()
 
 
@@ -689,7 +706,8 @@ def read_list(list_path):
     list_path = Path(list_path)
     if not list_path.is_file():
         raise FileNotFoundError(f"{list_path}: no such list file (a full_list.txt from prepare.py)")
-    paths = [Path(line.strip()) for line in list_path.read_text().splitlines() if line.strip()]
+    # utf-8-sig: a byte-order mark (Windows editors add one) is not part of the first path
+    paths = [Path(line.strip()) for line in list_path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     return [str(p if p.is_absolute() else list_path.parent / p) for p in paths]
 
 
@@ -759,8 +777,27 @@ def normalize_poses(c2w):
     return c2w
 
 
+def check_cameras(frames, indices=None):
+    """The one test of whether a scene's cameras can be used (training, held-out checks, eval.py and
+    prepare.py all ask it): every chosen frame has a finite w2c whose rotation part can be inverted,
+    and finite, positive fx and fy. -> None, or ValueError naming the first bad frame and what is wrong."""
+    for i in range(len(frames)) if indices is None else indices:
+        w2c = np.asarray(frames[i]["w2c"], dtype=np.float64)
+        fx, fy = (float(x) for x in frames[i]["fxfycxcy"][:2])
+        if w2c.shape != (4, 4):
+            raise ValueError(f"frame {i}: w2c has shape {list(w2c.shape)}, not 4 x 4")
+        if not np.isfinite(w2c).all():
+            raise ValueError(f"frame {i}: w2c is not finite")
+        if abs(np.linalg.det(w2c[:3, :3])) < 1e-6:  # a rotation has |det| 1; 0 cannot be inverted
+            raise ValueError(f"frame {i}: the rotation part of w2c cannot be inverted (determinant "
+                             f"{np.linalg.det(w2c[:3, :3]):.3g})")
+        if not (math.isfinite(fx) and math.isfinite(fy) and fx > 0 and fy > 0):
+            raise ValueError(f"frame {i}: focal lengths fx, fy = {fx:g}, {fy:g}: they must be finite and positive")
+
+
 def load_cameras(frames, indices):
     """Chosen frames of a scene -> their c2w [v, 4, 4], normalised together (float64 maths)."""
+    check_cameras(frames, indices)
     w2c = torch.tensor([frames[i]["w2c"] for i in indices], dtype=torch.float64)  # [v, 4, 4]
     return normalize_poses(torch.linalg.inv(w2c)).float()
 
@@ -816,14 +853,30 @@ class SceneDataset(torch.utils.data.Dataset):
                 if views is None:
                     raise ValueError(f"only {len(frames)} frames, fewer than the 27 the view sampling needs")
                 images, fxfycxcy = (torch.stack(x) for x in zip(*(self.view(i, frames, k) for k in views)))
+                c2w = load_cameras(frames, views)
             except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
                 warnings.warn(f"skipping scene {self.scenes[i]}: {e}")
                 i = rng.randrange(len(self.scenes))
                 continue
             tgt = rng.sample(range(len(views)), self.n_targets)  # targets may include the context views
-            c2w = load_cameras(frames, views)
-            return images[:2], fxfycxcy[:2], images[tgt], fxfycxcy[tgt], c2w[:2], c2w[tgt]
+            return images[:2], fxfycxcy[:2], images[tgt], fxfycxcy[tgt], c2w[:2], c2w[tgt], i
         raise RuntimeError(f"100 scenes in a row were unusable; check the dataset (last: {self.scenes[i]})")
+
+    def check_usable(self, list_path):
+        """Before the first step: ValueError, in one line, when no scene of the list could give a sample
+        (too short, unreadable metadata, unusable cameras), naming the first and why. Reads metadata
+        only, up to the first usable scene."""
+        first = None
+        for path in self.scenes:
+            try:
+                frames = read_scene(path)["frames"]
+                if sample_views(len(frames), random.Random(0)) is None:
+                    raise ValueError(f"only {len(frames)} frames, fewer than the 27 the view sampling needs")
+                check_cameras(frames)
+                return
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+                first = first or f"{path}: {e}"
+        raise ValueError(f"{list_path}: none of its {len(self.scenes)} scenes can be trained on; the first: {first}")
 
     def frames(self, i):
         if self.kept is None:
@@ -872,20 +925,44 @@ def load_indexed_scene(meta, context, target, res, patch):
     return scene | {"c2w": torch.linalg.inv(w2c)}
 
 
+def index_entry_problem(views):
+    """Why an evaluation index entry cannot be scored as written, or None. Frame numbers are plain
+    integers (json's true and 1.0 are not frames), targets are distinct, and a target repeats a context
+    view only in an entry that says so with "context_targets": true (prepare.py's range and sweep
+    indexes render the context views back on purpose; elsewhere it would score a copy)."""
+    if not (isinstance(views, dict) and isinstance(views.get("context"), list) and isinstance(views.get("target"), list)
+            and views["context"] and views["target"]):
+        return "expected {'context': [frames], 'target': [frames]}, both non-empty"
+    frames = views["context"] + views["target"]
+    odd = [f for f in frames if type(f) is not int]  # bool is an int to isinstance
+    if odd:
+        return f"frame numbers must be plain integers, not {odd[0]!r}"
+    if len(set(views["target"])) < len(views["target"]):
+        return f"repeated targets {views['target']}"
+    if len(set(views["context"])) < len(views["context"]):
+        return f"repeated context views {views['context']}"
+    shared = sorted(set(views["context"]) & set(views["target"]))
+    if shared and views.get("context_targets") is not True:
+        return (f"targets {shared} are context views too (scored, they would reward a copy; an entry "
+                f"meant to render its context views back says \"context_targets\": true)")
+    return None
+
+
 def read_index(index_path):
     """An evaluation index json -> {scene: {"context": [i, j], "target": [a, b, c]} or None}.
-    Other keys of an entry (the release's extra indexes have "overlap") are kept and ignored."""
+    Other keys of an entry (the release's extra indexes have "overlap") are kept and ignored. An entry
+    that cannot be scored as written is refused, with every such scene named and why."""
     try:
-        index = json.loads(Path(index_path).read_text())
+        index = json.loads(Path(index_path).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{index_path}: unreadable evaluation index ({e})") from None
     if not isinstance(index, dict):
         raise ValueError(f"{index_path}: expected a json object {{scene: views}}, not {type(index).__name__}")
-    bad = [k for k, v in index.items()
-           if v is not None and not (isinstance(v, dict) and v.get("context") and v.get("target"))]
+    bad = {k: index_entry_problem(v) for k, v in index.items() if v is not None}
+    bad = [f"{k!r}: {why}" for k, why in bad.items() if why]
     if bad:
-        raise ValueError(f"{index_path}: expected {{scene: {{'context': [...], 'target': [...]}} or null}}; "
-                         f"bad entries: {bad[:5]}")
+        raise ValueError(f"{index_path}: {len(bad)} entries cannot be scored: " + "; ".join(bad[:5])
+                         + ("; ..." if len(bad) > 5 else ""))
     return index
 
 
@@ -914,6 +991,34 @@ def index_views(list_path, index_path):
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+LOG_FILE_INTERVAL_S = 120
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm, redrawn as it likes on a terminal. Into a file (SLURM's --output, `> run.log`) every redraw
+    is another line kept for good, so there it is redrawn every LOG_FILE_INTERVAL_S seconds at most,
+    with the same counts, rates and postfix, and once more at the end. -> (bar, refresh): pass refresh
+    to set_postfix, so that a new postfix waits for the next redraw in a file."""
+    terminal = sys.stderr.isatty()
+    if not terminal:
+        kwargs = {"mininterval": LOG_FILE_INTERVAL_S, "maxinterval": LOG_FILE_INTERVAL_S, **kwargs}
+    return tqdm(iterable, **kwargs), terminal
+
+
+def autocast_dtype(device, requested=None):
+    """The dtype the model runs in under autocast: bf16 on a GPU, as the paper trains, float32 on a CPU.
+    A GPU without bf16 of its own (before Ampere: V100, T4) would emulate it slowly, or fail: there
+    l3d falls back to float32 and says so. requested: "bf16" or "fp32" to choose."""
+    want = requested or ("bf16" if device.type == "cuda" else "fp32")
+    if want == "fp32":
+        return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        print0(f"{torch.cuda.get_device_name(device)} has no bfloat16: running in float32 instead, "
+               f"slower and with more memory than bf16")
+        return torch.float32
+    return torch.bfloat16
 
 
 def setup(device=None):
@@ -1066,12 +1171,14 @@ def make_train_step(model, opt, args, device, world, perceptual=None):
         run = torch.nn.parallel.DistributedDataParallel(model)  # on the model's one device, GPU or CPU
     params = [p for p in model.parameters() if p.requires_grad]
 
+    dtype = autocast_dtype(device)
+
     def train_step(batch, lr):
         ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w = (x.to(device, non_blocking=True) for x in batch)
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             render, _ = run(ctx, ctx_k, tgt, tgt_k, ctx_c2w, tgt_c2w)
             render, tgt = render.float().flatten(0, 1), tgt.flatten(0, 1)  # [b, v, 3, h, w] -> [b*v, 3, h, w]
             loss = F.mse_loss(render, tgt)
@@ -1153,7 +1260,10 @@ def latest_checkpoint(out):
         try:
             return path, read_checkpoint(path)
         except ValueError as e:  # a file cut short by a full disk; the rename makes this rare
-            warnings.warn(f"{e}; trying an older one")
+            # renamed aside, kept for a look but out of the ckpt_*.pt that --keep counts and prunes
+            aside = path.with_name(path.name + ".unreadable")
+            path.rename(aside)
+            print0(f"{e}; renamed it {aside.name} and trying an older one")
     return None
 
 
@@ -1203,7 +1313,8 @@ def same_start(step, out, world, group):
 
 
 LOG_COLUMNS = ["step", "elapsed_s", "lr", "loss", "train_psnr", "grad_norm", "skipped", "samples_s",
-               "peak_gib", "heldout_psnr", "heldout_mean_of_context", "heldout_best_context_copy"]
+               "peak_gib", "heldout_psnr", "heldout_mean_of_context", "heldout_best_context_copy",
+               "heldout_camera_worth_db"]
 
 
 def open_log(out, step):
@@ -1222,7 +1333,8 @@ def open_log(out, step):
 
 def heldout_line(scores):
     return (f"held-out PSNR {scores['psnr']:.2f} dB (baselines: mean of the two context views "
-            f"{scores['mean_of_context']:.2f}, better context view copied {scores['best_context_copy']:.2f})")
+            f"{scores['mean_of_context']:.2f}, better context view copied {scores['best_context_copy']:.2f}); "
+            f"camera worth {scores['camera_worth_db']:.2f} dB")
 
 
 def peak_memory(device):
@@ -1259,19 +1371,24 @@ def load_heldout(list_path, index_path, n_scenes, cfg):
 @torch.no_grad()
 def heldout(model, scenes, device, out_png=None):
     """Mean PSNR of the model on held-out scenes, beside two baselines a model must beat: the pixel
-    mean of the two context views, and the better of the two context views copied (per target)."""
+    mean of the two context views, and the better of the two context views copied (per target);
+    and what the camera is worth: the dB lost when each target is rendered from the next one's."""
     model.eval()
-    scores = {"psnr": [], "mean_of_context": [], "best_context_copy": []}
+    scores = {"psnr": [], "mean_of_context": [], "best_context_copy": [], "camera_worth_db": []}
     rows = []
     for scene in scenes:
         ci, ti = scene["ctx_images"], scene["tgt_images"]
-        render = model(*(scene[k][None].to(device) for k in MODEL_INPUTS))[0][0].float().cpu()  # [v, 3, R, R]
+        inputs = [scene[k][None].to(device) for k in MODEL_INPUTS]
+        render, pose = model(*inputs)
+        render = render[0].float().cpu()  # [v, 3, R, R]
+        other = next_camera_renders(model, *inputs, pose)[0].float().cpu()  # [v, 3, R, R]
+        scores["camera_worth_db"] += (psnr(render, ti) - psnr(other, ti)).tolist()
         scores["psnr"] += psnr(render, ti).tolist()
         scores["mean_of_context"] += psnr(ci.mean(0, keepdim=True).expand_as(ti), ti).tolist()
-        copies = [psnr(ci[k:k + 1].expand_as(ti), ti) for k in range(2)]
-        scores["best_context_copy"] += torch.maximum(*copies).tolist()
-        if len(rows) < 4:
-            rows.append(torch.cat([ci[0], ci[1], ti[0], render[0]], 2))  # context | context | target | render
+        copies = torch.stack([psnr(ci[k:k + 1].expand_as(ti), ti) for k in range(len(ci))])  # [v_ctx, v]
+        scores["best_context_copy"] += copies.amax(0).tolist()
+        if len(rows) < 4:  # first | last context view | target | render
+            rows.append(torch.cat([ci[0], ci[-1], ti[0], render[0]], 2))
     if out_png and rows:
         to_pil(torch.cat(rows, 1)).save(out_png)
     return {k: float(np.mean(v)) for k, v in scores.items()}
@@ -1322,6 +1439,7 @@ def train(args):
     train_step = make_train_step(model, opt, args, device, world, perceptual)
 
     data = SceneDataset(args.data, cfg.image_size, cfg.patch_size, keep_frames=args.keep_frames)
+    data.check_usable(args.data)
     per_epoch = len(data) // world // args.batch
     if per_epoch == 0:
         raise ValueError(f"{args.data}: {len(data)} scenes over {world} rank(s) make no batch of "
@@ -1337,19 +1455,22 @@ def train(args):
               f"held-out scenes: {len(scenes)}", flush=True)
 
     scores, stopped = None, 0
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    bar, refresh = progress(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     it = batches(data, step, per_epoch, args, rank, world, pin_memory=device.type == "cuda")
     applied = torch.zeros((), dtype=torch.long, device=device)  # updates since start, counted on the device
     sums, since, tick, resumed_at = 0, step, time.time(), step
+    stretch = []  # (scene indices, updated) of every step since the last log row
     with StopSignals() as stop:
         while step < args.steps and not stopped:
             lr = lr_at(step, args.lr, args.warmup, args.steps)
-            loss, train_psnr, gnorm, updated = train_step(next(it), lr)
+            *batch, drawn = next(it)
+            loss, train_psnr, gnorm, updated = train_step(batch, lr)
             step += 1
             stopped = stop.agreed(group)
+            applied += updated  # the same on every rank: the loss and the gradients are averaged first
             if rank != 0:
                 continue
-            applied += updated
+            stretch.append((drawn, updated))
             sums = sums + torch.stack([loss, train_psnr, gnorm, (~updated).float()])
             bar.update(1)
             if step == resumed_at + 1:
@@ -1361,12 +1482,18 @@ def train(args):
                 loss_, psnr_, gnorm_, skipped = (sums / (step - since)).tolist()
                 samples_s = args.batch * world * (step - since) / (time.time() - tick)
                 bar.set_postfix(loss=f"{loss_:.4f}", psnr=f"{psnr_:.2f}", lr=f"{lr:.2e}",
-                                gnorm=f"{gnorm_:.2f}", skipped=f"{skipped:.0%}", samples_s=f"{samples_s:.1f}")
+                                gnorm=f"{gnorm_:.2f}", skipped=f"{skipped:.0%}", samples_s=f"{samples_s:.1f}",
+                                refresh=refresh)
                 row = {"step": step, "elapsed_s": f"{elapsed + time.time() - started:.1f}", "lr": f"{lr:.4g}",
                        "loss": f"{loss_:.5f}", "train_psnr": f"{psnr_:.3f}", "grad_norm": f"{gnorm_:.4f}",
                        "skipped": round(skipped * (step - since)), "samples_s": f"{samples_s:.2f}",
                        "peak_gib": peak_memory(device)}
-                sums, since = 0, step
+                if skipped > 0.5:  # the skip rule is the release's; a run that mostly skips must say so
+                    bad = sorted({data.scenes[i] for ids, ok in stretch if not ok for i in ids.tolist()})
+                    bar.write(f"warning: steps {since + 1}-{step}: {skipped:.0%} of the updates skipped (loss "
+                              f"not finite, or a gradient spike); their batches drew {len(bad)} scenes: "
+                              f"{', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}")
+                sums, since, stretch = 0, step, []
                 if check:
                     checked = time.time()
                     scores = heldout(model, scenes, device, out / f"heldout_{step:07d}.png")
@@ -1388,15 +1515,23 @@ def train(args):
     if stopped:
         print0(f"stopped by {signal.Signals(stopped).name} after step {step} of {args.steps}, saved; "
                f"the same command resumes there")
-    else:
-        print0(f"done: step {step} of {args.steps} in {minutes} min {seconds} s of wall-clock time")
-        if scores:  # what a teacher needs to see: did it learn more than copying a photo would give?
-            print0(f"{heldout_line(scores)}: {scores['psnr'] - scores['best_context_copy']:+.2f} dB over "
+    nothing = not stopped and int(applied) == 0 and step > resumed_at
+    if nothing:
+        print0(f"learned nothing: all {step - resumed_at} updates of this run were skipped (the loss was "
+               f"never finite, or every gradient spiked); the warnings above name the scenes")
+    elif not stopped:
+        print0(f"done: step {step} of {args.steps} in {minutes} min {seconds} s of wall-clock time"
+               + (f"; {step - resumed_at - int(applied)} of its {step - resumed_at} updates skipped"
+                  if int(applied) < step - resumed_at else ""))
+        if scores:  # what a teacher needs to see: does it beat copying a photo, and does it use its camera?
+            print0(f"{heldout_line(scores)}; {scores['psnr'] - scores['best_context_copy']:+.2f} dB over "
                    f"the better context view copied")
     if world > 1:
         torch.distributed.destroy_process_group()
     if stopped:
         raise SystemExit(128 + stopped)  # the shell's exit code for a process ended by that signal
+    if nothing:
+        raise SystemExit(1)
 
 
 # -----------------------------------------------------------------------------
@@ -1477,6 +1612,8 @@ def parse_args(argv=None, ap=None):
     for key, value in PRESETS["tiny" if args.tiny else args.res].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a file; it names the run's folder (checkpoints, log.csv, held-out grids)")
     resuming = any(Path(args.out).glob("ckpt_*.pt"))
     if args.res == 518 and not (args.tiny or args.init or resuming):
         ap.error(f"--res 518 fine-tunes the 224 model, and with nothing in {args.out} to resume and no "

@@ -16,7 +16,9 @@ finished scenes are skipped.
 
 Generated rooms for training on a laptop CPU (under a minute on 2 cores), with
 test/evaluation_index.json in the official index's format, test/extrapolation_index.json (every
-target outside the context pair) and the data-scaling lists train/little, medium, large_list.txt
+target outside the context pair), test/range_index.json and test/sweep_index.json (the evaluation
+index's context pairs with, as targets, the frames at 0, 1/4, ..., 1 and at 0, 1/10, ..., 1 of the
+way from one context frame to the other: the context views themselves too) and the data-scaling lists train/little, medium, large_list.txt
 (the first 1/64, 1/16 and 1/4 of the training scenes):
     python prepare.py synthetic
     python prepare.py synthetic --out data/synthetic --size 56x32 --train-scenes 400 --test-scenes 40 --seed 0
@@ -26,11 +28,13 @@ import argparse
 import colorsys
 import io
 import json
+import math
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -67,10 +71,10 @@ def run_parallel(fn, jobs, workers, desc):
     """Yield fn(job) for every job, in completion order, from a pool of processes, with a progress bar."""
     workers = min(workers or os.cpu_count(), len(jobs))
     if workers <= 1:  # no pool: quicker to start and easier to debug
-        yield from tqdm(map(fn, jobs), total=len(jobs), desc=desc)
+        yield from l3d.progress(map(fn, jobs), total=len(jobs), desc=desc)[0]
         return
     with Pool(workers) as pool:
-        yield from tqdm(pool.imap_unordered(fn, jobs), total=len(jobs), desc=desc)
+        yield from l3d.progress(pool.imap_unordered(fn, jobs), total=len(jobs), desc=desc)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -94,6 +98,17 @@ def convert_scene(scene, split_dir, png):
     if not isinstance(images, (list, tuple)) or len(images) != len(cameras):
         count = len(images) if isinstance(images, (list, tuple)) else "no"
         raise BadScene(f"{len(cameras)} cameras but {count} images")
+    if len(cameras) == 0:
+        raise BadScene("no frames")
+    h, w = 1, 1  # intrinsics are fractions of the frame: their sign and finiteness do not depend on its size
+    frames = [{"fxfycxcy": [c[0] * w, c[1] * h, c[2] * w, c[3] * h], "w2c": c[6:] + [0.0, 0.0, 0.0, 1.0]}
+              for c in cameras.tolist()]
+    for f in frames:
+        f["w2c"] = np.array(f["w2c"]).reshape(4, 4)  # [16] -> [4, 4], row-major
+    try:
+        l3d.check_cameras(frames)  # the test training and evaluation apply: a scene they would skip
+    except ValueError as e:
+        raise BadScene(f"unusable cameras: {e}") from None
     image_dir = split_dir / "images" / name
     shutil.rmtree(image_dir, ignore_errors=True)  # frames left by a stopped run
     image_dir.mkdir(parents=True)
@@ -133,11 +148,17 @@ def convert_chunk(job):
     except Exception as e:
         report["error"] = f"{type(e).__name__}: {e}"
         return report
+    seen = set()
     for k, scene in enumerate(scenes):
         name = scene.get("key") if isinstance(scene, dict) else None
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             report["bad_scenes"].append((f"#{k}", f"no usable scene key ({name!r})"))
             continue
+        if name in seen:  # one metadata file per key: the second would overwrite the first
+            report["bad_scenes"].append((f"{name} (#{k})", "a duplicate: this chunk holds an earlier scene "
+                                                           "with the same key, which was kept"))
+            continue
+        seen.add(name)
         if (split_dir / "metadata" / f"{name}.json").exists():
             report["done_before"] += 1
             report["on_disk"].append(name)
@@ -489,10 +510,37 @@ def evaluation_index(rng, names, n):
     return index
 
 
+RANGE = tuple(Fraction(k, 4) for k in range(5))  # range_index.json: the context views and three frames between
+SWEEP = tuple(Fraction(k, 10) for k in range(11))  # sweep_index.json: nine frames between, and the ends
+
+
+def range_index(index, fractions=RANGE):
+    """{scene: views} with the context pair of each entry of `index` and, as targets, the frames at
+    these fractions of the way from its first context frame to its second, rounded to a frame.
+    Fractions 0 and 1 make the context views targets ("context_targets": true says it is meant):
+    rendered back, they show whether the model reproduces what it was given; those between, whether
+    it interpolates everywhere."""
+    out = {}
+    for name, views in index.items():
+        if views is None:
+            out[name] = None
+            continue
+        i, j = views["context"]
+        nearest = {i + math.floor(f * (j - i) + Fraction(1, 2)) for f in fractions}  # a half frame rounds up
+        out[name] = {"context": [i, j], "target": sorted(nearest), "context_targets": True}
+    return out
+
+
 def make_synthetic(out="data/synthetic", size=(56, 32), frames=60, train_scenes=400, test_scenes=40, seed=0,
                    workers=None):
     """Generate OUT/train and OUT/test (and OUT/test/evaluation_index.json), resuming a stopped run."""
     out, (w, h) = Path(out), size
+    patch = l3d.Config.tiny().patch_size
+    if min(w, h) < patch:  # checked before synthetic.json is written, so that a corrected rerun is taken
+        raise ValueError(f"size {w}x{h}: frames need at least one patch of the tiny model ({patch} pixels) a side")
+    for flag, n in (("train-scenes", train_scenes), ("test-scenes", test_scenes)):
+        if n < 0:
+            raise ValueError(f"--{flag} {n}: a number of scenes cannot be negative")
     if frames < 27:
         raise ValueError(f"frames={frames}: training needs a context gap of at least 25 and 6 frames inside "
                          f"it, so 27+")
@@ -519,6 +567,8 @@ def make_synthetic(out="data/synthetic", size=(56, 32), frames=60, train_scenes=
     sizes = write_synthetic_scaling_lists(out / "train")
     index = evaluation_index(np.random.default_rng((seed, 2)), names["test"], frames)
     l3d.write_atomic(out / "test" / "evaluation_index.json", json.dumps(index, indent=1))
+    for name, fractions in (("range_index.json", RANGE), ("sweep_index.json", SWEEP)):
+        l3d.write_atomic(out / "test" / name, json.dumps(range_index(index, fractions), indent=1))
     index = extrapolation_index(np.random.default_rng((seed, 3)), names["test"], frames)
     l3d.write_atomic(out / "test" / "extrapolation_index.json", json.dumps(index, indent=1))
     print(f"generated {len(jobs)} scenes ({n_frames} frames of {w}x{h}) in {time.time() - start:.1f} s "

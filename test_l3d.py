@@ -4,6 +4,7 @@ check compares against maths written here or against the same computation done a
 import csv
 import functools
 import http.server
+import io
 import json
 import math
 import os
@@ -354,7 +355,7 @@ def test_pose_normalisation_is_the_releases(tmp_path):
     assert abs(np.abs(got[:, :3, 3]).max() - 1 / 1.35) < 1e-12
     np.testing.assert_allclose(got[:, :3, 3].mean(0), 0, atol=1e-12)  # the mean camera is the origin
     # through a scene's metadata: w2c in, the same cameras out
-    frames = [{"w2c": np.linalg.inv(m).tolist()} for m in c2w]
+    frames = [{"w2c": np.linalg.inv(m).tolist(), "fxfycxcy": [30.0, 30.0, 16.0, 16.0]} for m in c2w]
     np.testing.assert_allclose(l3d.load_cameras(frames, [3, 0, 1, 2, 4]).numpy(), expected[[3, 0, 1, 2, 4]], atol=1e-6)
 
 
@@ -517,6 +518,17 @@ def test_perceptual_loss_against_float64_vgg(tmp_path):
 # --- training pieces ------------------------------------------------------------------------------
 
 
+def test_a_gpu_without_bf16_runs_in_float32_and_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: has_bf16)
+        assert l3d.autocast_dtype(gpu) == (torch.bfloat16 if has_bf16 else torch.float32)
+        assert l3d.autocast_dtype(gpu, "bf16") == (torch.bfloat16 if has_bf16 else torch.float32)
+        assert l3d.autocast_dtype(gpu, "fp32") == l3d.autocast_dtype(cpu) == torch.float32
+    assert capsys.readouterr().out.count("Tesla V100 has no bfloat16: running in float32") == 2
+
+
 def test_learning_rate_schedule():
     peak, warm, total = 4e-4, 4000, 100_000
     for step, expected in [(0, 0.0), (1000, 1e-4), (2000, 2e-4), (4000, 4e-4),
@@ -609,10 +621,11 @@ def test_kept_frames_give_the_same_samples_and_are_read_once(tmp_path):
     items = [(i, seed) for i in (0, 1) for seed in (3, 4)]
     first = [kept[item] for item in items]
     for item, sample in zip(items, first):
-        assert all(torch.equal(a, b) for a, b in zip(plain[item], sample))
+        assert all(torch.equal(a, b) for a, b in zip(plain[item][:6], sample[:6]))
+        assert plain[item][6] == sample[6] == item[0]  # the scene drawn, which a warning about skips names
     shutil.rmtree(tmp_path / "train")  # in memory now: neither frames nor metadata are read again
     for item, sample in zip(items, first):
-        assert all(torch.equal(a, b) for a, b in zip(kept[item], sample))
+        assert all(torch.equal(a, b) for a, b in zip(kept[item][:6], sample[:6]))
 
 
 def test_preprocessing_moves_intrinsics_with_the_crop(tmp_path):
@@ -780,6 +793,31 @@ def test_bench_times_the_training_step_and_needs_no_weights():
     assert args.init is None and args.batch == 6 and args.lr == 4e-5 and args.bench_steps == 10
 
 
+class Stream(io.StringIO):
+    def __init__(self, terminal):
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self):
+        return self.terminal
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_in_a_log_file_is_redrawn_rarely_and_keeps_its_numbers(terminal, monkeypatch):
+    stream = Stream(terminal)
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar, refresh = l3d.progress(total=300, file=stream)
+    for step in range(1, 301):
+        bar.update(1)
+        if step % 10 == 0:  # a log row every 10 steps, as train() sets it
+            bar.set_postfix(loss=f"{1 / step:.4f}", refresh=refresh)
+    bar.close()
+    redraws = stream.getvalue().split("\r")
+    # a terminal shows every postfix; a file gets its first line and the closing one, with the last postfix
+    assert (len(redraws) > 30) if terminal else (len(redraws) <= 3)
+    assert "300/300" in redraws[-1] and "loss=0.0033" in redraws[-1]
+
+
 def test_bad_arguments_are_refused(capsys):
     for flag, value in (("--batch", "0"), ("--steps", "-5"), ("--save-every", "0"), ("--eval-every", "0"),
                         ("--log-every", "0")):
@@ -815,11 +853,97 @@ def test_unreadable_heldout_scene_is_skipped_and_named(tmp_path, capsys):
     assert len(scenes) == 2 and "held-out scene scene1 skipped" in capsys.readouterr().out
 
 
+def test_heldout_check_takes_one_and_three_context_views(tmp_path):
+    write_scenes(tmp_path / "test", {f"scene{s}": 30 for s in range(3)})
+    index = {"scene0": {"context": [4], "target": [10, 15]}, "scene1": {"context": [0, 29, 12], "target": [10, 15]},
+             "scene2": {"context": [0, 29], "target": [10, 15]}}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    scenes = l3d.load_heldout(tmp_path / "test" / "full_list.txt", tmp_path / "index.json", 32, l3d.Config.tiny())
+    scores = l3d.heldout(tiny_model(), scenes, torch.device("cpu"), tmp_path / "grid.png")
+    # the better context view copied, by hand over the 1, 3 and 2 views of each scene
+    copies = [max(float(l3d.psnr(s["ctx_images"][k:k + 1], s["tgt_images"][t:t + 1])) for k in range(len(s["ctx_images"])))
+              for s in scenes for t in range(2)]
+    assert len(scenes) == 3 and scores["best_context_copy"] == pytest.approx(np.mean(copies), abs=1e-9)
+    assert all(math.isfinite(v) for v in scores.values()) and (tmp_path / "grid.png").exists()
+
+
 def test_errors_print_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "l3d.py"), "--tiny", "--data", str(tmp_path / "absent.txt"),
                           "--out", str(tmp_path / "run"), "--device", "cpu"], capture_output=True, text=True)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith(f"l3d.py: {tmp_path / 'absent.txt'}: no such list file")
+
+
+# --- bad training data -----------------------------------------------------------------------------
+
+
+def spoil_focal(data, names):
+    for name in names:
+        meta = data.parent / "metadata" / f"{name}.json"
+        scene = json.loads(meta.read_text())
+        for f in scene["frames"]:
+            f["fxfycxcy"][0] = 0.0
+        meta.write_text(json.dumps(scene))
+
+
+def tiny_train(tmp_path, data, *flags):
+    return subprocess.run([sys.executable, str(REPO / "l3d.py"), "--tiny", "--data", str(data), "--eval-data",
+                           str(data), "--batch", "2", "--steps", "4", "--out", str(tmp_path / "run"), "--device",
+                           "cpu", *flags], capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_scenes_with_unusable_cameras_are_skipped_and_named_and_training_goes_on(tmp_path):
+    data = write_scenes(tmp_path / "train", {f"s{i}": 30 for i in range(8)}, width=48, height=32)
+    spoil_focal(data, ["s1", "s3", "s5", "s7"])
+    run = tiny_train(tmp_path, data)
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"skipping scene \S*s[1357]\.json: frame 0: focal lengths fx, fy = 0, 60", run.stderr)
+    assert "done: step 4 of 4" in run.stdout and "skipped" not in run.stdout.split("done:")[1].splitlines()[0]
+    with pytest.raises(ValueError, match="frame 0: focal lengths"):
+        l3d.load_cameras(l3d.read_scene(data.parent / "metadata" / "s1.json")["frames"], [0, 1])
+
+
+@pytest.mark.parametrize("why", ["cameras", "short"])
+def test_a_list_with_no_usable_scene_is_refused_before_the_first_step_in_one_line(tmp_path, why):
+    data = write_scenes(tmp_path / "train", {f"s{i}": 30 if why == "cameras" else 20 for i in range(4)}, width=48, height=32)
+    if why == "cameras":
+        spoil_focal(data, ["s0", "s1", "s2", "s3"])
+    run = tiny_train(tmp_path, data)
+    expected = "frame 0: focal lengths" if why == "cameras" else "only 20 frames"
+    assert run.returncode == 1 and "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert f"none of its 4 scenes can be trained on; the first: " in run.stderr and expected in run.stderr
+    assert not (tmp_path / "run" / "log.csv").exists()
+
+
+def test_a_run_whose_every_update_is_skipped_says_it_learned_nothing(tmp_path):
+    data = write_scenes(tmp_path / "train", {f"s{i}": 30 for i in range(4)}, width=48, height=32)
+    run = tiny_train(tmp_path, data, "--clip", "1e-12", "--log-every", "2")  # every gradient "spikes"
+    assert run.returncode == 1, run.stderr
+    assert "learned nothing: all 4 updates of this run were skipped" in run.stdout and "done:" not in run.stdout
+    assert re.search(r"warning: steps 1-2: 100% of the updates skipped .*drew \d scenes: \S*s\d\.json", run.stdout)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [r["skipped"] for r in rows] == ["2", "2"]
+
+
+def test_a_truncated_newest_checkpoint_is_renamed_aside_and_never_counts_toward_keep(tmp_path, capsys):
+    model = tiny_model()
+    for step in (1, 2, 3):
+        l3d.save_checkpoint(tmp_path, {"model": model.state_dict(), "step": step}, keep=2)
+    newest = tmp_path / "ckpt_0000003.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    path, ckpt = l3d.latest_checkpoint(tmp_path)
+    assert path.name == "ckpt_0000002.pt" and ckpt["step"] == 2
+    assert "renamed it ckpt_0000003.pt.unreadable" in capsys.readouterr().out
+    l3d.save_checkpoint(tmp_path, {"model": model.state_dict(), "step": 4}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000002.pt", "ckpt_0000003.pt.unreadable",
+                                                          "ckpt_0000004.pt"]
+
+
+def test_an_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "run").write_text("")
+    with pytest.raises(SystemExit):
+        l3d.parse_args(["--tiny", "--out", str(tmp_path / "run")])
+    assert "--out " + str(tmp_path / "run") + " is a file" in capsys.readouterr().err
 
 
 def ddp_probe(log, argv):

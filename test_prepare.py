@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import l3d
 import prepare
 
 # -----------------------------------------------------------------------------
@@ -132,6 +133,41 @@ def test_bad_input_is_skipped_and_named(chunks, tmp_path, capsys):
     assert summary["scenes"] == 5  # aaa, bbb, ccc, hhh and the test split's ddd
     listed = [Path(p).stem for p in (out / "train" / "full_list.txt").read_text().splitlines()]
     assert listed == ["aaa", "bbb", "ccc", "hhh"]
+
+
+def test_scenes_training_could_not_use_are_skipped_and_a_repeated_key_is_named_a_duplicate(chunks, tmp_path, capsys):
+    src, _ = chunks
+    empty = scene("iii", 0, 80)
+    empty["cameras"] = torch.zeros(0, 18)
+    nan = scene("jjj", 3, 90)
+    nan["cameras"][1, 7] = float("nan")
+    singular = scene("kkk", 3, 100)
+    singular["cameras"][2, 6:] = 0.0
+    first, second = scene("lll", 2, 110), scene("lll", 3, 120)
+    torch.save([empty, nan, singular, first, second], src / "train" / "000002.torch")
+    out = tmp_path / "out"
+    summary = prepare.convert_re10k(src, out, workers=1)
+    why = {name: reason for name, _, reason in summary["bad_scenes"]}
+    assert why["iii"] == "no frames"
+    assert why["jjj"].startswith("unusable cameras: frame 1: w2c is not finite")
+    assert why["kkk"].startswith("unusable cameras: frame 2: the rotation part of w2c cannot be inverted")
+    assert why["lll (#4)"].startswith("a duplicate")
+    assert summary["done_before"] == 0 and "lll (#4)" in capsys.readouterr().err
+    assert len(json.loads((out / "train" / "metadata" / "lll.json").read_text())["frames"]) == 2  # the first kept
+    listed = [Path(p).stem for p in (out / "train" / "full_list.txt").read_text().splitlines()]
+    assert listed == ["aaa", "bbb", "ccc", "lll"]
+
+
+@pytest.mark.parametrize("flags, why", [(["--size", "0x0"], "size 0x0: frames need at least one patch"),
+                                        (["--size", "1x1"], "size 1x1"),
+                                        (["--train-scenes", "-3"], "--train-scenes -3: a number of scenes cannot be negative"),
+                                        (["--test-scenes", "-1"], "--test-scenes -1")])
+def test_synthetic_settings_are_checked_before_anything_is_written(tmp_path, flags, why):
+    out = tmp_path / "synthetic"
+    run = subprocess.run([sys.executable, str(Path(prepare.__file__)), "synthetic", "--out", str(out), *flags],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and why in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
 
 
 def test_rerun_is_a_no_op(chunks, tmp_path):
@@ -269,6 +305,25 @@ def test_synthetic_scaling_lists_are_nested_in_name_order_and_extrapolation_lies
     # too few scenes for a size: that list is not written, rather than written empty
     prepare.make_synthetic(tmp_path / "few", size=(16, 16), frames=27, train_scenes=8, test_scenes=0, seed=SEED)
     assert sorted(p.name for p in (tmp_path / "few" / "train").glob("*_list.txt")) == ["full_list.txt", "large_list.txt"]
+
+
+def test_range_and_sweep_indexes_hold_the_context_pair_and_the_fractions_of_the_gap(synthetic):
+    evaluation = json.loads((synthetic / "test" / "evaluation_index.json").read_text())
+    (i, j) = evaluation["test_00000"]["context"]
+    for name, fractions in (("range_index.json", [0, 1, 2, 3, 4]), ("sweep_index.json", list(range(11)))):
+        index = json.loads((synthetic / "test" / name).read_text())
+        assert index.keys() == evaluation.keys() and index["test_00000"]["context"] == [i, j]
+        # the frame nearest to each fraction, halves rounded up: written out here for quarters and tenths
+        parts = 4 if name == "range_index.json" else 10
+        expected = [i + (k * (j - i) * 2 + parts) // (2 * parts) for k in fractions]
+        assert index["test_00000"]["target"] == expected
+        assert expected[0] == i and expected[-1] == j
+    gap = [(0, 45), (13, 41), (6, 50)]  # hand-made pairs: odd, even and a gap of 44
+    made = prepare.range_index({f"s{k}": {"context": list(c), "target": [0]} for k, c in enumerate(gap)} | {"n": None})
+    assert made == {"s0": {"context": [0, 45], "target": [0, 11, 23, 34, 45], "context_targets": True},
+                    "s1": {"context": [13, 41], "target": [13, 20, 27, 34, 41], "context_targets": True},
+                    "s2": {"context": [6, 50], "target": [6, 17, 28, 39, 50], "context_targets": True}, "n": None}
+    l3d.read_index(synthetic / "test" / "range_index.json")  # read as written: its context targets are meant
 
 
 def test_generation_is_deterministic(synthetic, tmp_path):
