@@ -5,9 +5,9 @@ For every scene of an evaluation index that is on disk, the two context views go
 order) and each target view is rendered from the camera the model estimates from that target
 image; the render is scored against the target. Works with the authors' released checkpoints
 and with l3d's own. A PT-LVSM checkpoint is given the target cameras instead, normalised over
-the scene's indexed views as the release does. Any index in the official format works, the
-release's extra ones too (extrapolation.json, overlap_small/medium/large.json; their "overlap"
-numbers are ignored).
+the scene's indexed views as the release does; an LVSM one (l3d.py --model lvsm) every camera.
+Any index in the official format works, the release's extra ones too (extrapolation.json,
+overlap_small/medium/large.json; their "overlap" numbers are ignored).
 
 One process (the GPU if there is one, else the CPU):
     python eval.py --ckpt uplvsm_x224.pt --res 224 --data data/re10k/test/full_list.txt \
@@ -18,6 +18,12 @@ One process (the GPU if there is one, else the CPU):
 The released weights by name (downloaded once into the cache; they know their image size):
     python eval.py --ckpt x224 --data data/re10k/test/full_list.txt --index evaluation_index_re10k.json \
         --out runs/eval_x224
+How much a model leans on the cameras it is given (the paper's appendix on pose noise): Gaussian
+noise of scale SIGMA on every given camera's 7-number pose encoding, the same on every rerun.
+UP-LVSM is given no camera, so its scores do not move:
+    python eval.py --ckpt runs/tiny_lvsm/ckpt_0001800.pt --data data/synthetic/test/full_list.txt \
+        --index data/synthetic/test/evaluation_index.json --out runs/tiny_lvsm/noise_0.05 --no-lpips \
+        --pose-noise 0.05
 Two photos of your own: a fly-through from the first camera to the second (animated WebP, contact
 sheet, cameras.json in --out):
     python eval.py --photos kitchen_1.jpg kitchen_2.jpg --ckpt x224 --out runs/kitchen
@@ -64,6 +70,7 @@ import os
 import shutil
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -194,12 +201,28 @@ def render_path(model, latents, poses, fxfycxcy, chunk=8, bar=False):
 # Work: the indexed scenes on disk, loaded in DataLoader workers
 
 
+def noisy_cameras(c2w, sigma, scene):
+    """Cameras c2w [v, 4, 4] -> the same with Gaussian noise of scale sigma added to each one's 7-number
+    pose encoding (translation, then quaternion xyzw), as the release's noise_scale does. The noise
+    is drawn from a generator seeded by the scene's name: a rerun, any batch size and any number of
+    processes give every scene the same noise."""
+    v = torch.from_numpy(rotation_vector(c2w[:, :3, :3].numpy()))  # [v, 3], float64
+    angle = v.norm(dim=-1, keepdim=True)
+    axis = v / angle.clamp(min=1e-300)
+    pose = torch.cat([c2w[:, :3, 3].double(), axis * torch.sin(angle / 2), torch.cos(angle / 2)], -1)  # [v, 7]
+    noise = torch.randn(pose.shape, generator=torch.Generator().manual_seed(zlib.crc32(scene.encode())),
+                        dtype=torch.float64)
+    return l3d.pose_to_c2w(pose + sigma * noise).to(c2w.dtype)
+
+
 class IndexedScenes(torch.utils.data.Dataset):
     """Loads the views of each scene of a work list (in DataLoader workers). A scene that cannot be
-    scored comes back with the reason in "skip" ("out_of_range" or "unreadable") and "why"."""
+    scored comes back with the reason in "skip" ("out_of_range" or "unreadable") and "why". With
+    pose_noise, the cameras a model is given (ctx_c2w, tgt_c2w) carry that noise; "c2w", the truth
+    the pose errors and the probe are measured against, does not."""
 
-    def __init__(self, work, res, patch):
-        self.work, self.res, self.patch = work, res, patch
+    def __init__(self, work, res, patch, pose_noise=0.0):
+        self.work, self.res, self.patch, self.pose_noise = work, res, patch, pose_noise
 
     def __len__(self):
         return len(self.work)
@@ -208,11 +231,15 @@ class IndexedScenes(torch.utils.data.Dataset):
         scene, meta, context, target = self.work[i]
         item = {"scene": scene, "context": context, "target": target, "skip": None}
         try:
-            return item | l3d.load_indexed_scene(meta, context, target, self.res, self.patch)
+            item |= l3d.load_indexed_scene(meta, context, target, self.res, self.patch)
         except IndexError as e:
             return item | {"skip": "out_of_range", "why": str(e)}
         except (OSError, ValueError, KeyError, TypeError) as e:
             return item | {"skip": "unreadable", "why": str(e)}
+        if self.pose_noise:
+            given = noisy_cameras(torch.cat([item["ctx_c2w"], item["tgt_c2w"]]), self.pose_noise, scene)
+            item |= {"ctx_c2w": given[:len(context)], "tgt_c2w": given[len(context):]}
+        return item
 
 
 def batches(items, size, skipped):
@@ -586,18 +613,20 @@ def check_run(out, args, res):
     record = {"ckpt": args.ckpt if args.ckpt in l3d.RELEASED else str(ckpt.resolve()),
               "ckpt_blake2b": file_digest(ckpt), "data": str(Path(args.data).resolve()),
               "data_blake2b": file_digest(args.data), "index": str(Path(args.index).resolve()),
-              "index_blake2b": file_digest(args.index), "res": res}
+              "index_blake2b": file_digest(args.index), "res": res, "pose_noise": args.pose_noise}
     path = out / "run.json"
     # a run that stopped before it scored anything holds no scores to protect from mixing
     parts = [p for p in out.glob("part.rank*.jsonl") if p.stat().st_size]
     holds_scores = bool(parts or read_table(out / "images.csv", IMAGE_COLUMNS))
     before = json.loads(path.read_text()) if path.exists() and holds_scores else record
+    before = {"pose_noise": 0.0} | before  # folders scored before --pose-noise existed had none
     compared = {"checkpoint": ["ckpt_blake2b"], "data list": ["data", "data_blake2b"],
-                "index": ["index_blake2b"], "image size": ["res"]}
+                "index": ["index_blake2b"], "image size": ["res"], "pose noise": ["pose_noise"]}
     changed = [what for what, keys in compared.items() if any(before.get(k) != record[k] for k in keys)]
     if changed and not args.restart:
         raise ValueError(f"{path}: this folder holds the scores of another {', another '.join(changed)} "
-                         f"({', '.join(f'{k}: {before.get(k)}' for k in ('ckpt', 'data', 'index', 'res'))}); "
+                         f"({', '.join(f'{k}: {before.get(k)}' for k in ('ckpt', 'data', 'index', 'res', 'pose_noise'))}"
+                         f"); "
                          f"pass --restart to clear them, or another --out")
     if changed or args.restart:
         for old in [out / name for name in ("images.csv", "metrics.csv", "cameras.csv", "summary.json")]:
@@ -701,6 +730,9 @@ def parse_args(argv=None):
                     help="write renders/<scene>/context.png and targets.png")
     ap.add_argument("--video", type=int, default=0, metavar="N",
                     help="write renders/<scene>/video.webp of N frames (0: none)")
+    ap.add_argument("--pose-noise", type=float, default=0.0, metavar="SIGMA",
+                    help="Gaussian noise of this scale on the 7-number pose encoding (translation, quaternion) "
+                         "of every camera a model is given, the same on every rerun; UP-LVSM is given none")
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: the GPU when there is one")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count()) if torch.cuda.is_available() else 0,
                     help="DataLoader processes loading images, per GPU")
@@ -709,6 +741,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         ap.error(f"--out {args.out} is a file; it names the folder the scores go in")
+    if not (math.isfinite(args.pose_noise) and args.pose_noise >= 0):
+        ap.error(f"--pose-noise {args.pose_noise}: a scale of noise is a finite number, 0 or more")
     if args.photos and len(args.photos) != 2:
         ap.error(f"--photos takes two images of one scene, A and B; got {len(args.photos)}: "
                  f"{' '.join(args.photos)}")
@@ -744,8 +778,8 @@ def main(argv=None):
     done = read_table(out / "images.csv", IMAGE_COLUMNS)
     mine = [v for v in views if v[0] not in done][rank::world]  # each scene on one rank: no padding, no drops
     lpips_net = rank0_first(rank, lambda: load_lpips(device)) if args.lpips else None
-    loader = torch.utils.data.DataLoader(IndexedScenes(mine, cfg.image_size, cfg.patch_size), batch_size=None,
-                                         num_workers=args.workers)
+    work = IndexedScenes(mine, cfg.image_size, cfg.patch_size, args.pose_noise)
+    loader = torch.utils.data.DataLoader(work, batch_size=None, num_workers=args.workers)
     skipped = {"out_of_range": 0, "unreadable": 0, "nonfinite": 0}
     scored = 0
     # throughput after the first batch, which pays for compilation: the model alone, and everything

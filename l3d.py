@@ -12,7 +12,7 @@ Train (the paper's 224 pre-training, then the 518 fine-tuning):
     torchrun --nproc_per_node 8 l3d.py --res 518 --init runs/x224/ckpt_0100000.pt
 One GPU, for debugging (the blocks compile one at a time, in about a minute):
     python l3d.py --res 224 --batch 4 --out runs/debug
-The paper's posed-target baseline, PT-LVSM, with the same recipe:
+The paper's posed-target baseline, PT-LVSM, with the same recipe (--model lvsm: given every camera):
     torchrun --nproc_per_node 8 l3d.py --res 224 --model ptlvsm
 A laptop CPU, for a class (generated scenes):
     python prepare.py synthetic && python l3d.py --tiny
@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 @dataclass
 class Config:
-    model: str = "uplvsm"  # or "ptlvsm", the release's posed-target baseline
+    model: str = "uplvsm"  # or "ptlvsm", the release's posed-target baseline, or "lvsm", which poses all views
     image_size: int = 224  # R: square images of R x R pixels
     patch_size: int = 14  # p: every tokenizer works on p x p patches
     dim: int = 768  # d: token width of every transformer
@@ -335,12 +335,13 @@ class LVSM(nn.Module):
             if x.ndim != 5 or tuple(x.shape[2:]) != (3, R, R):
                 raise ValueError(f"{name} must be [b, v, 3, {R}, {R}] for this model, got {list(x.shape)}")
 
-    def mark_first_view(self, tokens, c2w, fxfycxcy):
-        """Context tokens [b, v, n, d] -> the same, view 0's plus the ray tokens of its camera c2w
-        [b, 4, 4] (intrinsics fxfycxcy [b, v, 4]): the view whose frame every camera is placed in."""
-        R, p = self.config.image_size, self.config.patch_size
-        rays = plucker_rays(c2w[:, None], fxfycxcy[:, :1], R, R)  # [b, 1, 6, R, R]
-        return torch.cat([tokens[:, :1] + self.canonical_rays(patchify(rays, p)), tokens[:, 1:]], 1)
+    def mark_views(self, tokens, c2w, fxfycxcy):
+        """Context tokens [b, v, n, d] -> the same, the first k views' plus the ray tokens of their
+        cameras c2w [b, k, 4, 4] (intrinsics fxfycxcy [b, v, 4]). UP-LVSM and PT-LVSM mark view 0
+        only, the view whose frame every camera is placed in; LVSM marks every view."""
+        R, p, k = self.config.image_size, self.config.patch_size, c2w.shape[1]
+        rays = plucker_rays(c2w, fxfycxcy[:, :k], R, R)  # [b, k, 6, R, R]
+        return torch.cat([tokens[:, :k] + self.canonical_rays(patchify(rays, p)), tokens[:, k:]], 1)
 
     def ray_tokens(self, c2w, fxfycxcy):
         """Target cameras c2w [b, v, 4, 4] and intrinsics [b, v, 4] -> ray tokens [b*v, n, d]."""
@@ -393,8 +394,8 @@ class UPLVSM(LVSM):
     def encode(self, ctx_images, ctx_fxfycxcy):
         """Context views [b, v, 3, R, R] and their intrinsics [b, v, 4] -> scene latents [b, L, d]."""
         b, v = ctx_images.shape[:2]
-        identity = torch.eye(4, device=ctx_images.device).expand(b, 4, 4)  # view 0 is the world frame
-        tokens = self.mark_first_view(self.tokenizer(ctx_images), identity, ctx_fxfycxcy)  # [b, v, n, d]
+        identity = torch.eye(4, device=ctx_images.device).expand(b, 1, 4, 4)  # view 0 is the world frame
+        tokens = self.mark_views(self.tokenizer(ctx_images), identity, ctx_fxfycxcy)  # [b, v, n, d]
         n, d = tokens.shape[2:]
         x = torch.cat([self.latents.expand(b, -1, -1), tokens.reshape(b, v * n, d)], 1)  # [b, L + v*n, d]
         return self.run(self.encoder, x, keep=slice(0, self.config.n_latents))
@@ -434,6 +435,10 @@ class PTLVSM(LVSM):
     target is given by its known camera instead of its image, and one stack of blocks reads the
     context and target tokens together. Cameras are in the frame of the sampled views' mean camera
     (normalize_poses); the first context view is marked by the rays of its own camera.
+
+    model="lvsm" is the top rung of the paper's ladder of 3D knowledge: every context view is marked by
+    its camera, as LVSM gives every pose. It is LVSM's idea in this PT-LVSM body, not LVSM's released
+    architecture, and the release has no such checkpoint.
     Shapes at 224 (n = 256 patches a view, d = 768), for b scenes of 2 context and v target views:
 
         context images [b, 2, 3, R, R] --tokenizer--> [b, 2, n, d], + view 0's rays --> [b, 2n, d]
@@ -452,7 +457,8 @@ class PTLVSM(LVSM):
         UP-LVSM takes them, and never read: the target camera stands in for them."""
         self.check_images(ctx_images=ctx_images, tgt_images=tgt_images)
         v = tgt_c2w.shape[1]
-        tokens = self.mark_first_view(self.tokenizer(ctx_images), ctx_c2w[:, 0], ctx_fxfycxcy)  # [b, 2, n, d]
+        posed = ctx_c2w.shape[1] if self.config.model == "lvsm" else 1
+        tokens = self.mark_views(self.tokenizer(ctx_images), ctx_c2w[:, :posed], ctx_fxfycxcy)  # [b, 2, n, d]
         b, _, n, d = tokens.shape
         x = self.ray_tokens(tgt_c2w, tgt_fxfycxcy)  # [b*v, n, d]
         tokens = tokens.flatten(1, 2).repeat_interleave(v, 0)  # [b, 2, n, d] -> [b*v, 2n, d]
@@ -474,8 +480,8 @@ def next_camera_renders(model, ctx_images, ctx_fxfycxcy, tgt_images, tgt_fxfycxc
 
 
 def make_model(cfg):
-    if cfg.model not in ("uplvsm", "ptlvsm"):
-        raise ValueError(f"unknown model {cfg.model!r}: l3d has uplvsm and ptlvsm")
+    if cfg.model not in ("uplvsm", "ptlvsm", "lvsm"):
+        raise ValueError(f"unknown model {cfg.model!r}: l3d has uplvsm, ptlvsm and lvsm")
     return UPLVSM(cfg) if cfg.model == "uplvsm" else PTLVSM(cfg)
 
 
@@ -1076,7 +1082,7 @@ def sample_stacks(cfg, v_ctx=2, v_tgt=6):
     the last block keeps, sequences)]: the tokenizer first, once per image it reads."""
     n, L = (cfg.image_size // cfg.patch_size) ** 2, cfg.n_latents
     t = 1 + cfg.tok_registers + n
-    if cfg.model == "ptlvsm":  # the context images only, then per target one stack over its n and the 2n
+    if cfg.model != "uplvsm":  # the context images only, then per target one stack over its n and the 2n
         return [(cfg.tok_depth, t, t, v_ctx), (cfg.n_blocks, (v_ctx + 1) * n, n, v_tgt)]
     return [(cfg.tok_depth, t, t, v_ctx + v_tgt), (cfg.n_encoder, L + v_ctx * n, L, 1),
             (cfg.n_estimator, n + L, n, v_tgt), (cfg.n_decoder, n + L, n, v_tgt)]
@@ -1096,7 +1102,8 @@ def model_flops(cfg, v_ctx=2, v_tgt=6):
     stacks = sample_stacks(cfg, v_ctx, v_tgt)
     images = stacks[0][3]
     patch_embed = images * 2 * 3 * p2 * d * n
-    rays_and_pixels = 2 * 6 * p2 * d * n * (1 + v_tgt) + 2 * d * 3 * p2 * n * v_tgt
+    marked = v_ctx if cfg.model == "lvsm" else 1
+    rays_and_pixels = 2 * 6 * p2 * d * n * (marked + v_tgt) + 2 * d * 3 * p2 * n * v_tgt
     return patch_embed + sum(blocks(*stack) for stack in stacks) + rays_and_pixels
 
 
@@ -1558,8 +1565,9 @@ def make_parser(description="Train UP-LVSM (see the docstring of l3d.py for comm
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--res", type=int, default=224, choices=[224, 518],
                     help="the paper's preset: 224 pre-training or 518 fine-tuning")
-    ap.add_argument("--model", choices=["uplvsm", "ptlvsm"], default="uplvsm",
-                    help="UP-LVSM, or PT-LVSM, the release's baseline that is given the target cameras")
+    ap.add_argument("--model", choices=["uplvsm", "ptlvsm", "lvsm"], default="uplvsm",
+                    help="UP-LVSM; PT-LVSM, the release's baseline that is given the target cameras; or "
+                         "LVSM's rung, PT-LVSM given every context camera too")
     ap.add_argument("--tiny", action="store_true",
                     help="the classroom preset: a tiny model on 32x32 crops of generated rooms, on a CPU")
     ap.add_argument("--data", help="full_list.txt of a processed training split")

@@ -124,7 +124,7 @@ def psnr64(x, y):
     return -10 * torch.log10(((x.double().clamp(0, 1) - y.double()) ** 2).flatten(1).mean(1))
 
 
-@pytest.mark.parametrize("kind", ["uplvsm", "ptlvsm"])
+@pytest.mark.parametrize("kind", ["uplvsm", "ptlvsm", "lvsm"])
 def test_camera_worth_prices_the_camera_and_is_zero_for_a_model_that_ignores_it(kind):
     torch.manual_seed(0)
     model = l3d.make_model(l3d.Config.tiny(kind))
@@ -462,6 +462,57 @@ def same_rows(a, b):
                                     for x, y in zip(a, b))
 
 
+def rodrigues(axis, angle):
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
+
+
+def test_pose_noise_has_its_scale_and_is_the_same_on_a_rerun():
+    rng = np.random.default_rng(0)
+    n, sigma = 4000, 0.01
+    axis = rng.normal(size=(n, 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    angle = rng.uniform(0, 3, n)
+    c2w = np.tile(np.eye(4), (n, 1, 1))
+    c2w[:, :3, :3] = [rodrigues(a, t) for a, t in zip(axis, angle)]
+    c2w[:, :3, 3] = rng.normal(size=(n, 3))
+    c2w = torch.tensor(c2w)
+    noised = ev.noisy_cameras(c2w, sigma, "scene_a")
+    assert torch.equal(noised, ev.noisy_cameras(c2w, sigma, "scene_a"))  # the same noise on a rerun
+    assert not torch.allclose(noised, ev.noisy_cameras(c2w, sigma, "scene_b"))  # each scene its own
+    assert torch.equal(ev.noisy_cameras(c2w, 0.0, "scene_a")[:, :3, 3], c2w[:, :3, 3])
+    np.testing.assert_allclose(ev.noisy_cameras(c2w, 0.0, "scene_a").numpy(), c2w.numpy(), atol=1e-9)
+    shift = (noised[:, :3, 3] - c2w[:, :3, 3]).numpy()  # the translation's noise itself
+    assert abs(shift.std() - sigma) < 0.03 * sigma and abs(shift.mean()) < 0.05 * sigma
+    # Noise e on a unit quaternion q turns the camera by 2 atan(|e_perp| / (1 + e.q)), about 2 |e_perp|,
+    # e_perp being the 3 components across q: for e of scale sigma, a mean of 2 sigma 2 sqrt(2 / pi).
+    r = c2w[:, :3, :3].transpose(1, 2) @ noised[:, :3, :3]
+    turned = np.arccos(np.clip((np.trace(r.numpy(), axis1=1, axis2=2) - 1) / 2, -1, 1))
+    expected = 4 * sigma * math.sqrt(2 / math.pi)
+    assert abs(turned.mean() - expected) < 0.03 * expected, (turned.mean(), expected)
+    np.testing.assert_allclose((noised[:, :3, :3] @ noised[:, :3, :3].transpose(1, 2)).numpy(),
+                               np.tile(np.eye(3), (n, 1, 1)), atol=1e-9)  # still rotations
+
+
+def test_pose_noise_moves_the_posed_models_and_not_uplvsm(tiny_run, tmp_path):
+    args = tiny_run["args"]
+    noisy = ev.main(args + ["--out", str(tmp_path / "noisy"), "--pose-noise", "0.3"])
+    assert read_csv(tmp_path / "noisy" / "images.csv") == read_csv(tiny_run["out"] / "images.csv")
+    assert noisy["pose_noise"] == 0.3 and noisy["psnr"] == tiny_run["summary"]["psnr"]
+    with pytest.raises(ValueError, match="another pose noise"):
+        ev.main(args + ["--out", str(tmp_path / "noisy"), "--pose-noise", "0.1"])
+    torch.manual_seed(0)
+    model = l3d.make_model(l3d.Config.tiny("lvsm"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = tmp_path / "lvsm.pt"
+    torch.save({"model": model.state_dict(), "config": asdict(model.config)}, ckpt)
+    at = {sigma: ev.main([*args, "--ckpt", str(ckpt), "--out", str(tmp_path / f"lvsm_{sigma}"), "--pose-noise",
+                          str(sigma)]) for sigma in (0.0, 0.3)}
+    assert abs(at[0.0]["psnr"] - at[0.3]["psnr"]) > 1e-3
+
+
 def test_two_processes_give_the_files_of_one(tiny_run, tmp_path):
     cmd, env = torchrun(2, REPO / "eval.py", *tiny_run["args"], "--out", tmp_path / "two")
     subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=240, cwd=tmp_path)
@@ -794,7 +845,7 @@ def test_photos_command_writes_video_sheet_and_cameras(tmp_path, capsys):
     assert "EXIF: 28 mm equivalent" in capsys.readouterr().out
 
 
-def test_photos_bad_input_is_named_and_leaves_nothing(tmp_path):
+def test_photos_bad_input_is_named_and_leaves_nothing(tmp_path, capsys):
     ckpt = tmp_path / "tiny.pt"
     model = tiny_model()
     torch.save({"model": model.state_dict(), "config": asdict(model.config)}, ckpt)
@@ -806,13 +857,17 @@ def test_photos_bad_input_is_named_and_leaves_nothing(tmp_path):
              ([str(tmp_path / "notes.jpg"), str(b)], "notes.jpg: not an image"),
              ([str(a), str(tmp_path / "small.png")], "small.png: 40x20 is smaller than the model's 32x32"),
              ([str(a), str(b)], "x999: no such checkpoint file, nor the name of released weights")]
-    for photos, why in cases:
-        cmd = [sys.executable, str(REPO / "eval.py"), "--photos", *photos, "--out", str(out), "--device", "cpu",
-               "--ckpt", "x999" if "x999" in why else str(ckpt)]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        assert run.returncode != 0 and why in run.stderr and "Traceback" not in run.stderr, run.stderr
+    for k, (photos, why) in enumerate(cases):
+        args = ["--photos", *photos, "--out", str(out), "--device", "cpu", "--ckpt", "x999" if "x999" in why else str(ckpt)]
+        if k == 0:  # from the command line: one line, no traceback
+            run = subprocess.run([sys.executable, str(REPO / "eval.py"), *args], capture_output=True, text=True)
+            assert run.returncode != 0 and why in run.stderr and "Traceback" not in run.stderr, run.stderr
+        else:
+            with pytest.raises((ValueError, OSError), match=why):
+                ev.main(args)
     for photos in ([str(a)], [str(a), str(b), str(a)]):  # one image, or three
-        run = subprocess.run([sys.executable, str(REPO / "eval.py"), "--photos", *photos, "--out", str(out),
-                              "--ckpt", str(ckpt)], capture_output=True, text=True)
-        assert run.returncode == 2 and f"--photos takes two images of one scene, A and B; got {len(photos)}" in run.stderr
+        with pytest.raises(SystemExit) as stop:
+            ev.main(["--photos", *photos, "--out", str(out), "--ckpt", str(ckpt)])
+        assert stop.value.code == 2
+        assert f"--photos takes two images of one scene, A and B; got {len(photos)}" in capsys.readouterr().err
     assert not out.exists()

@@ -334,6 +334,35 @@ def test_ptlvsm_release_names_load_and_forward_matches_float64():
     assert error < 1e-5, error
 
 
+def test_lvsm_marks_every_context_view_with_its_own_rays():
+    """LVSM's rung: each context view's tokens plus the ray tokens of its own camera, built here in
+    float64; PT-LVSM with the same weights marks view 0 only."""
+    torch.manual_seed(0)
+    cfg = l3d.Config.tiny("lvsm")
+    ctx, ctx_k, tgt, tgt_k = tiny_inputs(b=1, v_tgt=1)
+    ctx_k[0, 1] = torch.tensor([30.0, 28.0, 15.0, 17.5])  # view 1's own intrinsics, so they must be its own
+    c2w = torch.eye(4, dtype=torch.float64).repeat(3, 1, 1)
+    for i, (axis, angle, t) in enumerate([([0, 1, 0], 0.3, [0.2, 0, 0.1]), ([1, 0, 0], -0.2, [-0.3, 0.1, 0]),
+                                          ([0, 0, 1], 0.5, [0.1, -0.2, 0.3])]):
+        c2w[i, :3, :3], c2w[i, :3, 3] = torch.tensor(rodrigues(axis, angle)), torch.tensor(t)
+    R, p = cfg.image_size, cfg.patch_size
+    lvsm = l3d.make_model(cfg).eval()
+    pt = l3d.make_model(l3d.Config.tiny("ptlvsm")).eval()
+    pt.load_state_dict(lvsm.state_dict())
+    W = lvsm.canonical_rays.weight.detach().double().numpy()
+    for model, marked in ((lvsm, 2), (pt, 1)):
+        seen = {}
+        model.norm_in.register_forward_hook(lambda m, args, out: seen.update(x=args[0][0].double().numpy()))
+        with torch.no_grad():
+            model(ctx, ctx_k, tgt, tgt_k, c2w[None, :2].float(), c2w[None, 2:].float())
+            tokens = model.tokenizer(ctx)[0].double().numpy()  # [2, n, d]
+        n = tokens.shape[1]
+        for k in range(2):
+            rays = patches_numpy(plucker_numpy(c2w[k].numpy(), ctx_k[0, k].double().numpy(), R), p)  # [n, 6 p p]
+            expected = tokens[k] + (rays @ W.T if k < marked else 0)
+            assert np.abs(seen["x"][k * n:(k + 1) * n] - expected).max() < 1e-5, (model.config.model, k)
+
+
 def test_pose_normalisation_is_the_releases(tmp_path):
     rng = np.random.default_rng(0)
     c2w = np.stack([np.eye(4)] * 5)
@@ -661,11 +690,18 @@ def log_steps(out):
     return [int(r[0]) for r in rows[1:]]
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted run every stopped one is compared with: (its data, its folder, its steps)."""
+    root = tmp_path_factory.mktemp("straight")
+    data = write_scenes(root / "train", {f"scene{s:03d}": 30 for s in range(6)})
+    subprocess.run(l3d_command(data, root / "straight", 30), check=True, capture_output=True)
+    return data, root / "straight", 30
+
+
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGUSR1", "SIGINT"])
-def test_stopped_then_resumed_matches_an_uninterrupted_run(tmp_path, sig):
-    data = write_scenes(tmp_path / "train", {f"scene{s:03d}": 30 for s in range(6)})
-    steps = 30
-    subprocess.run(l3d_command(data, tmp_path / "straight", steps), check=True, capture_output=True)
+def test_stopped_then_resumed_matches_an_uninterrupted_run(tmp_path, sig, straight_run):
+    data, straight, steps = straight_run
     cmd = l3d_command(data, tmp_path / "stopped", steps, "--log-every", "1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -687,7 +723,7 @@ def test_stopped_then_resumed_matches_an_uninterrupted_run(tmp_path, sig):
         torch.load(path, weights_only=True)
     resumed = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert f"resuming from {saved[-1]}" in resumed.stdout
-    a = torch.load(tmp_path / "straight" / f"ckpt_{steps:07d}.pt", weights_only=True)
+    a = torch.load(straight / f"ckpt_{steps:07d}.pt", weights_only=True)
     b = torch.load(tmp_path / "stopped" / f"ckpt_{steps:07d}.pt", weights_only=True)
     assert a["step"] == b["step"] == steps and a["updates"] == b["updates"]
     for k in a["model"]:
