@@ -32,9 +32,10 @@ l3d checkpoints record their image size, so --res can be left out:
         --index data/synthetic/test/evaluation_index.json --out runs/tiny/eval --no-lpips
 
 What lands in --out:
-    images.csv    scene,view,position,psnr,ssim,lpips,copy_psnr,camera_worth_db,pose_rotation_error_deg,
-                  pose_translation_error_deg: one row per target image (view: its frame number;
-                  position: where it lies between the context frames, 0 at the first, 1 at the second)
+    images.csv    scene,view,position,psnr,ssim,lpips,copy_psnr,mean_context_psnr,camera_worth_db,
+                  pose_rotation_error_deg,pose_translation_error_deg,transfer_psnr: one row per target
+                  image (view: its frame number; position: where it lies between the context frames,
+                  0 at the first, 1 at the second)
     metrics.csv   scene,psnr,...   one row per scene: means over its targets
     cameras.csv   scene,view,e00..e23,g00..g23: the relative camera the model estimated for each target
                   (P0^-1 Pt, 3x4 row by row) and the true one (C0^-1 Ct), which the linear probe reads
@@ -42,9 +43,10 @@ What lands in --out:
                   linear probe, the means at each position between the context views (by_position),
                   counts of scenes scored (scored_now: by the last run) and of index entries skipped
     renders/      with --save-images and --video: context strip, target | render pairs, a video
-Beyond the paper's metrics, three that a model rendering one blurry image per scene cannot pass:
+Beyond the paper's metrics, measures that a model rendering one blurry image per scene cannot pass:
     copy_psnr         PSNR of the better context view copied as the render (a context view that
                       is the target itself left out): what a model must beat
+    mean_context_psnr PSNR of the pixel mean of the two context views as the render
     camera_worth_db   PSNR minus the PSNR of the same target rendered from the camera of the next
                       target of its scene: 0 for a model that ignores its camera
     probe_*           a linear map from the estimated relative camera (12 numbers and a constant) to
@@ -52,6 +54,12 @@ Beyond the paper's metrics, three that a model rendering one blurry image per sc
                       on the scenes at even places in name order and scored on the odd ones, then the
                       other way round: R^2 near 1 when the learned cameras are the true ones in
                       other coordinates, 0 or below when they carry no trace of them
+    transfer_psnr     on a transfer index (prepare.py's test_transfer/): room B rendered along room
+                      A's path as UP-LVSM estimates it, at P_B0 P_A0^-1 P_At; summary.json's "transfer"
+                      sets it beside the direct score (psnr), per pair too. NaN elsewhere
+Does a learned camera mean the same in every room? B along A's path, against the generator's truth:
+    python eval.py --ckpt runs/tiny/ckpt_0001800.pt --data data/synthetic/test_transfer/full_list.txt \
+        --index data/synthetic/test_transfer/transfer_index.json --out runs/tiny/transfer --no-lpips
 With --no-lpips the lpips columns read nan and summary.json has "lpips": null. A rerun with the
 same --out scores only the scenes not yet in images.csv: every process appends each finished
 scene (its renders written) to its own part file, and the part files are merged into the CSVs at
@@ -215,14 +223,36 @@ def noisy_cameras(c2w, sigma, scene):
     return l3d.pose_to_c2w(pose + sigma * noise).to(c2w.dtype)
 
 
+def transfer_entries(index_path):
+    """The transfer entries of an evaluation index (prepare.py's test_transfer/transfer_index.json) ->
+    {scene: {"context": [frames], "target": [frames]}}: the frames of room A that a scene of room B is
+    rendered along, one A target for each B target. {} for an index without them. An entry that
+    cannot be scored as written is refused, naming its scene."""
+    index = l3d.read_index(index_path)
+    entries = {}
+    for scene, views in index.items():
+        if views is None or "transfer" not in views:
+            continue
+        a = views["transfer"]
+        why = l3d.index_entry_problem(a)
+        if not why and len(a["target"]) != len(views["target"]):
+            why = f"{len(a['target'])} targets of room A for {len(views['target'])} of room B"
+        if why:
+            raise ValueError(f"{index_path}: the transfer entry of {scene!r} cannot be scored: {why}")
+        entries[scene] = a
+    return entries
+
+
 class IndexedScenes(torch.utils.data.Dataset):
     """Loads the views of each scene of a work list (in DataLoader workers). A scene that cannot be
     scored comes back with the reason in "skip" ("out_of_range" or "unreadable") and "why". With
     pose_noise, the cameras a model is given (ctx_c2w, tgt_c2w) carry that noise; "c2w", the truth
-    the pose errors and the probe are measured against, does not."""
+    the pose errors and the probe are measured against, does not. A scene of transfer ({scene: the
+    frames of room A, see transfer_entries}) also has room A's views, under "transfer"."""
 
-    def __init__(self, work, res, patch, pose_noise=0.0):
+    def __init__(self, work, res, patch, pose_noise=0.0, transfer=None):
         self.work, self.res, self.patch, self.pose_noise = work, res, patch, pose_noise
+        self.transfer = transfer or {}
 
     def __len__(self):
         return len(self.work)
@@ -232,6 +262,9 @@ class IndexedScenes(torch.utils.data.Dataset):
         item = {"scene": scene, "context": context, "target": target, "skip": None}
         try:
             item |= l3d.load_indexed_scene(meta, context, target, self.res, self.patch)
+            if scene in self.transfer:
+                a = self.transfer[scene]
+                item["transfer"] = l3d.load_indexed_scene(meta, a["context"], a["target"], self.res, self.patch)
         except IndexError as e:
             return item | {"skip": "out_of_range", "why": str(e)}
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -251,8 +284,9 @@ def batches(items, size, skipped):
             skipped[item["skip"]] += 1
             tqdm.write(f"eval.py: {item['scene']} not scored: {item['why']}")
             continue
-        views = (len(item["context"]), len(item["target"]))
-        if batch and (len(batch) == size or views != (len(batch[0]["context"]), len(batch[0]["target"]))):
+        views = (len(item["context"]), len(item["target"]), "transfer" in item)
+        first = batch and (len(batch[0]["context"]), len(batch[0]["target"]), "transfer" in batch[0])
+        if batch and (len(batch) == size or views != first):
             yield batch
             batch = []
         batch.append(item)
@@ -292,6 +326,21 @@ def positions(context, target):
 
 
 @torch.no_grad()
+def transfer_renders(model, batch, ctx, ctx_k, tgt_k, p_b0, device):
+    """UP-LVSM renders room B along room A's path: A's context views are encoded, the estimator places
+    A's context view 0 and A's targets (P_A0, P_At) from their images, and B is rendered from its own
+    latents at P_B0 P_A0^-1 P_At, P_B0 being where the estimator places B's context view 0 (p_b0
+    [b, 1, 4, 4] float64). A camera that means the same in every room renders what B looks like
+    from there -> [b, v, 3, R, R]."""
+    a_ctx, a_ctx_k, a_tgt = (torch.stack([s["transfer"][k] for s in batch]).to(device)
+                             for k in ("ctx_images", "ctx_fxfycxcy", "tgt_images"))
+    pose = model.estimate_pose(model.encode(a_ctx, a_ctx_k), torch.cat([a_ctx[:, :1], a_tgt], 1))  # [b, 1 + v, 7]
+    p = l3d.pose_to_c2w(pose.double().cpu())  # [b, 1 + v, 4, 4]
+    moved = p_b0 @ torch.linalg.inv(p[:, :1]) @ p[:, 1:]  # [b, v, 4, 4]
+    return model.decode(model.encode(ctx, ctx_k), moved.float().to(device), tgt_k)
+
+
+@torch.no_grad()
 def score(model, batch, device, autocast, lpips_net):
     """A batch of b loaded scenes with the same view counts -> renders [b, v, 3, R, R] float32, per
     scene rows [frame number, position, *METRICS] for each of its v targets, per scene rows of
@@ -317,6 +366,7 @@ def score(model, batch, device, autocast, lpips_net):
     itself = torch.tensor([[[t == s["context"][k] for t in s["target"]] for s in batch] for k in range(v_ctx)])
     copy = copies.masked_fill(itself, -math.inf).amax(0).flatten()  # [v_ctx, b, v] -> [b*v]
     copy = copy.masked_fill(copy == -math.inf, math.nan)
+    mean_context = l3d.psnr(ctx.mean(1, keepdim=True).expand_as(tgt).flatten(0, 1), gt).cpu()
     worth = torch.full((b * v,), math.nan, dtype=torch.float64)
     if v > 1:  # untimed: every target again, from the next target's camera
         with autocast:
@@ -331,7 +381,12 @@ def score(model, batch, device, autocast, lpips_net):
         p0, pt = (l3d.pose_to_c2w(p.double().cpu()) for p in (pose0, pose))
         e = torch.linalg.inv(p0) @ pt  # [b, v, 4, 4]
     errors = torch.stack(pose_errors(e, g)).flatten(1)  # [2, b, v] -> [2, b*v]
-    values = [psnr, ssim(pred, gt).cpu(), lp.double().cpu(), copy, worth, *errors]
+    transfer = torch.full((b * v,), math.nan, dtype=torch.float64)
+    if pose is not None and "transfer" in batch[0]:  # untimed: the same targets along room A's path
+        with autocast:
+            moved = transfer_renders(model, batch, ctx, ctx_k, inputs[3], p0, device).float()
+        transfer = l3d.psnr(moved.flatten(0, 1), gt).cpu()
+    values = [psnr, ssim(pred, gt).cpu(), lp.double().cpu(), copy, mean_context, worth, *errors, transfer]
     values = torch.stack(values, -1).reshape(b, v, -1).tolist()  # [b*v, metrics] -> [b, v, metrics]
     rows = [[[f, x, *m] for f, x, m in zip(s["target"], positions(s["context"], s["target"]), ms)]
             for s, ms in zip(batch, values)]
@@ -461,8 +516,8 @@ def render_photos(args, photos, model, device):
 # Result files: per-process part files merged into images.csv, cameras.csv and metrics.csv
 
 
-METRICS = ["psnr", "ssim", "lpips", "copy_psnr", "camera_worth_db", "pose_rotation_error_deg",
-           "pose_translation_error_deg"]
+METRICS = ["psnr", "ssim", "lpips", "copy_psnr", "mean_context_psnr", "camera_worth_db",
+           "pose_rotation_error_deg", "pose_translation_error_deg", "transfer_psnr"]
 IMAGE_COLUMNS = ["view", "position", *METRICS]
 # the model's relative camera E = P0^-1 Pt and the dataset's G = C0^-1 Ct, the top 3 x 4 of each, row-major
 CAMERA_COLUMNS = ["view"] + [f"{m}{i}{j}" for m in "eg" for i in range(3) for j in range(4)]
@@ -656,6 +711,28 @@ def finite_or_null(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def transfer_summary(scenes):
+    """images.csv's rows {scene: rows} -> the transfer score over the scenes that have one (UP-LVSM on
+    a transfer index): B rendered along A's path against B rendered from cameras estimated on its
+    own frames (direct), the same targets' copy baselines, and a row per pair; None without any."""
+    column = {name: 2 + i for i, name in enumerate(METRICS)}
+    pairs = {name: np.array(rows) for name, rows in scenes.items()
+             if all(math.isfinite(r[column["transfer_psnr"]]) for r in rows)}
+    if not pairs:
+        return None
+    every = np.concatenate(list(pairs.values()))  # [images, columns]
+
+    names = {"transfer_psnr": "transfer_psnr", "direct_psnr": "psnr", "copy_psnr": "copy_psnr",
+             "mean_context_psnr": "mean_context_psnr"}
+
+    def means(rows):
+        m = {k: float(rows[:, column[c]].mean()) for k, c in names.items()}
+        return m | {"gap_db": m["transfer_psnr"] - m["direct_psnr"]}
+
+    return {"pairs": len(pairs), "images": len(every), **means(every),
+            "by_pair": [{"pair": name, **means(rows)} for name, rows in sorted(pairs.items())]}
+
+
 def summarize(out, counts, record):
     """summary.json from images.csv and cameras.csv: means over every target image scored in any run
     and how many images each averages, the linear probe, the means at each position between the
@@ -679,6 +756,9 @@ def summarize(out, counts, record):
     if at:
         summary["by_position"] = {f"{x:g}": dict(zip(["images", *METRICS], [len(v), *nanmean(v)[0]]))
                                   for x, v in sorted(at.items())}
+    transfer = transfer_summary(scenes)
+    if transfer:
+        summary["transfer"] = transfer
     summary |= {"scenes": len(scenes), "images": len(rows), **counts, **record}
     summary = finite_or_null(summary)
     l3d.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
@@ -778,7 +858,7 @@ def main(argv=None):
     done = read_table(out / "images.csv", IMAGE_COLUMNS)
     mine = [v for v in views if v[0] not in done][rank::world]  # each scene on one rank: no padding, no drops
     lpips_net = rank0_first(rank, lambda: load_lpips(device)) if args.lpips else None
-    work = IndexedScenes(mine, cfg.image_size, cfg.patch_size, args.pose_noise)
+    work = IndexedScenes(mine, cfg.image_size, cfg.patch_size, args.pose_noise, transfer_entries(args.index))
     loader = torch.utils.data.DataLoader(work, batch_size=None, num_workers=args.workers)
     skipped = {"out_of_range": 0, "unreadable": 0, "nonfinite": 0}
     scored = 0
@@ -831,6 +911,11 @@ def main(argv=None):
               f"({summary['scored_now']} scored by this run); not scored: "
               + ", ".join(f"{counts[k]} {k}" for k in ("index_null", "missing", *skipped))
               + f"; files in {out}")
+        if "transfer" in summary:
+            t = summary["transfer"]
+            print(f"transfer over {t['pairs']} pairs: B along A's path {t['transfer_psnr']:.2f} dB, from cameras "
+                  f"estimated on B's own frames {t['direct_psnr']:.2f} dB (gap {t['gap_db']:+.2f}); copies: "
+                  f"better context view {t['copy_psnr']:.2f}, their mean {t['mean_context_psnr']:.2f}")
         if "probe_note" in summary:
             print(f"linear probe of the cameras: none, {summary['probe_note']}")
         elif "probe_targets" in summary:

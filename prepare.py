@@ -18,8 +18,10 @@ Generated rooms for training on a laptop CPU (under a minute on 2 cores), with
 test/evaluation_index.json in the official index's format, test/extrapolation_index.json (every
 target outside the context pair), test/range_index.json and test/sweep_index.json (the evaluation
 index's context pairs with, as targets, the frames at 0, 1/4, ..., 1 and at 0, 1/10, ..., 1 of the
-way from one context frame to the other: the context views themselves too) and the data-scaling lists train/little, medium, large_list.txt
-(the first 1/64, 1/16 and 1/4 of the training scenes):
+way from one context frame to the other: the context views themselves too), the data-scaling lists
+train/little, medium, large_list.txt (the first 1/64, 1/16 and 1/4 of the training scenes), and
+test_transfer/ with transfer_index.json (each test room B seen along another room A's camera path,
+rendered exactly, with A's frames beside it; eval.py scores how well a model's cameras transfer):
     python prepare.py synthetic
     python prepare.py synthetic --out data/synthetic --size 56x32 --train-scenes 400 --test-scenes 40 --seed 0
 """
@@ -531,6 +533,84 @@ def range_index(index, fractions=RANGE):
     return out
 
 
+# -----------------------------------------------------------------------------
+# The transfer split: room B seen along room A's camera path, rendered exactly
+
+
+def moved_cameras(b0, a0, a_targets):
+    """Room A's target cameras a_targets [v, 4, 4] (c2w) carried into room B: each keeps its place and
+    heading relative to A's context view 0 (a0), now relative to B's (b0) -> C_B0 C_A0^-1 C_At [v, 4, 4].
+    Both rooms are in metres, so a step of 1 m in A is a step of 1 m in B."""
+    return b0 @ np.linalg.inv(a0) @ a_targets
+
+
+def camera_clear(room, centre, margin=0.6):
+    """Whether a camera centre [3] lies inside the room and `margin` metres from its walls, floor,
+    ceiling and every object (the walks keep 0.6 m; the caster assumes a camera outside every object)."""
+    if np.any(centre < room.lo + margin) or np.any(centre > room.hi - margin):
+        return False
+    boxes = zip(room.box_lo - margin, room.box_hi + margin)
+    if any(np.all(centre > lo) and np.all(centre < hi) for lo, hi in boxes):
+        return False
+    return all(np.linalg.norm(centre - c) >= r + margin for c, r in zip(room.ball_centre, room.ball_radius))
+
+
+def transfer_pair(split_dir, a, b, w, h):
+    """Write scene "<B>_along_<A>" of the transfer split, or return None when a moved camera would leave
+    B's room or come near its objects. a, b: (name, room, c2w [n, 4, 4], fxfycxcy, evaluation index entry).
+    Its frames: 0, 1 B's context views; 2.. B at A's target cameras moved into B (moved_cameras, B's
+    intrinsics); then A's context views and targets, in A's own world, for the model to estimate A's
+    path from -> (name, its index entry)."""
+    (a_name, a_room, a_c2w, a_k, a_views), (b_name, b_room, b_c2w, b_k, b_views) = a, b
+    moved = moved_cameras(b_c2w[b_views["context"][0]], a_c2w[a_views["context"][0]], a_c2w[a_views["target"]])
+    if not all(camera_clear(b_room, c[:3, 3]) for c in moved):
+        return None
+    a_frames = a_views["context"] + a_views["target"]
+    cameras = [(b_room, b_c2w[b_views["context"]], b_k), (b_room, moved, b_k), (a_room, a_c2w[a_frames], a_k)]
+    name = f"{b_name}_along_{a_name}"
+    (split_dir / "images" / name).mkdir(parents=True, exist_ok=True)
+    frames = []
+    for room, c2w, k in cameras:
+        for pose, image in zip(c2w, render(room, c2w, k, w, h)):
+            path = split_dir / "images" / name / f"{len(frames):05d}.png"
+            Image.fromarray(image).save(path)
+            frames.append({"image_path": str(path.absolute()), "fxfycxcy": list(k),
+                           "w2c": np.linalg.inv(pose).tolist()})
+    write_metadata(split_dir, name, frames)
+    n_ctx, n_tgt = len(a_views["context"]), len(a_views["target"])
+    first_a = 2 + len(moved)
+    entry = {"context": [0, 1], "target": list(range(2, first_a)),
+             "transfer": {"context": list(range(first_a, first_a + n_ctx)),
+                          "target": list(range(first_a + n_ctx, first_a + n_ctx + n_tgt))},
+             "rooms": {"b": b_name, "b_context": b_views["context"], "a": a_name, "a_context": a_views["context"],
+                       "a_target": a_views["target"]}}
+    return name, entry
+
+
+def transfer_split(split_dir, scenes, w, h):
+    """test_transfer/: for each room B of the evaluation index (scenes: [(name, room, c2w, fxfycxcy,
+    entry)] in name order), the rooms after it are tried as A, cyclically, until one keeps every moved
+    camera clear -> a line saying how many pairs were tried and kept. Writes the layout of the other
+    splits plus transfer_index.json, whose entries score B's moved frames as targets of B's context
+    pair and name A's frames under "transfer". The index is written last: a split that has it is
+    complete, and a stopped one is made again whole (a few hundred frames)."""
+    if (split_dir / "transfer_index.json").exists():
+        return f"{len(json.loads((split_dir / 'transfer_index.json').read_text()))} transfer pairs in {split_dir}"
+    shutil.rmtree(split_dir, ignore_errors=True)
+    (split_dir / "metadata").mkdir(parents=True)
+    index, tried = {}, 0
+    for k, b in enumerate(scenes):
+        for a in scenes[k + 1:] + scenes[:k]:
+            tried += 1
+            made = transfer_pair(split_dir, a, b, w, h)
+            if made:
+                index[made[0]] = made[1]
+                break
+    write_full_list(split_dir)
+    l3d.write_atomic(split_dir / "transfer_index.json", json.dumps(index, indent=1))
+    return f"{len(index)} transfer pairs (of {tried} tried) in {split_dir}"
+
+
 def make_synthetic(out="data/synthetic", size=(56, 32), frames=60, train_scenes=400, test_scenes=40, seed=0,
                    workers=None):
     """Generate OUT/train and OUT/test (and OUT/test/evaluation_index.json), resuming a stopped run."""
@@ -569,11 +649,16 @@ def make_synthetic(out="data/synthetic", size=(56, 32), frames=60, train_scenes=
     l3d.write_atomic(out / "test" / "evaluation_index.json", json.dumps(index, indent=1))
     for name, fractions in (("range_index.json", RANGE), ("sweep_index.json", SWEEP)):
         l3d.write_atomic(out / "test" / name, json.dumps(range_index(index, fractions), indent=1))
+    scenes = [(name, *random_scene(np.random.default_rng((seed, 1, k)), frames, w, h), index[name])
+              for k, name in enumerate(names["test"]) if index[name]]
+    transfer = "no transfer split (it needs two test rooms)"
+    if len(scenes) > 1:
+        transfer = transfer_split(out / "test_transfer", scenes, w, h)
     index = extrapolation_index(np.random.default_rng((seed, 3)), names["test"], frames)
     l3d.write_atomic(out / "test" / "extrapolation_index.json", json.dumps(index, indent=1))
     print(f"generated {len(jobs)} scenes ({n_frames} frames of {w}x{h}) in {time.time() - start:.1f} s "
           f"into {out}/train and {out}/test; training sizes little, medium, large, full: "
-          f"{', '.join(str(n) for n in sizes.values())}, {train_scenes}")
+          f"{', '.join(str(n) for n in sizes.values())}, {train_scenes}; {transfer}")
 
 
 # -----------------------------------------------------------------------------

@@ -328,12 +328,14 @@ def test_end_to_end(tiny_run):
         {"scenes": 5, "images": 15, "scored_now": 5, "index_null": 2, "missing": 1, "out_of_range": 1, "unreadable": 1}
     assert summary["lpips"] is None and json.loads((out / "summary.json").read_text()) == summary
     header, images = read_csv(out / "images.csv")
-    assert header == "scene,view,position,psnr,ssim,lpips,copy_psnr,camera_worth_db,pose_rotation_error_deg,pose_translation_error_deg"
+    assert header == ("scene,view,position,psnr,ssim,lpips,copy_psnr,mean_context_psnr,camera_worth_db,"
+                      "pose_rotation_error_deg,pose_translation_error_deg,transfer_psnr")
     assert [r[:2] for r in images[:6]] == [["s0", "3"], ["s0", "1"], ["s0", "2"], ["s1", "3"], ["s1", "1"], ["s1", "2"]]
-    assert all(r[5] == "nan" for r in images)
+    assert all(r[5] == "nan" and r[11] == "nan" for r in images)  # no LPIPS; not a transfer index
     assert [r[2] for r in images[:3]] == ["0.600000", "0.200000", "0.400000"]  # frames 3, 1, 2 of the gap 0..5
     header, scenes = read_csv(out / "metrics.csv")
-    assert header == "scene,psnr,ssim,lpips,copy_psnr,camera_worth_db,pose_rotation_error_deg,pose_translation_error_deg"
+    assert header == ("scene,psnr,ssim,lpips,copy_psnr,mean_context_psnr,camera_worth_db,pose_rotation_error_deg,"
+                      "pose_translation_error_deg,transfer_psnr")
     assert [r[0] for r in scenes] == ["s0", "s1", "s2", "s3", "s4"]
     values = np.array([[float(x) for x in r[3:5]] for r in images])  # [15, 2]
     np.testing.assert_allclose([[float(x) for x in r[1:3]] for r in scenes], values.reshape(5, 3, 2).mean(1), atol=1e-6)
@@ -351,6 +353,9 @@ def test_end_to_end(tiny_run):
     mse = ((render.double().clamp(0, 1) - tgt.double()) ** 2).flatten(1).mean(1)  # [3, 3, R, R] -> [3, 3*R*R] -> [3]
     np.testing.assert_allclose(values[9:12, 0], (-10 * torch.log10(mse)).numpy(), atol=2e-6)
     np.testing.assert_allclose(values[9:12, 1], ev.ssim(render, tgt).numpy(), atol=2e-6)
+    # the blur baseline: the pixel mean of the two context views, as the render
+    mean_context = psnr64(ctx.double().mean(0, keepdim=True).expand_as(tgt), tgt).numpy()
+    np.testing.assert_allclose([float(r[7]) for r in images[9:12]], mean_context, atol=1e-6)
     # the cameras: the generated frames all share the identity camera, so G is the identity and the
     # rotation error is the angle of the model's own relative rotation; no translation to compare
     from scipy.spatial.transform import Rotation
@@ -361,9 +366,9 @@ def test_end_to_end(tiny_run):
     relative = np.linalg.inv(c2w[0]) @ c2w[1:]
     angles = np.degrees(Rotation.from_matrix(relative[:, :3, :3]).magnitude())
     rows = [r for r in images if r[0] == "s3"]
-    np.testing.assert_allclose([float(r[8]) for r in rows], angles, atol=1e-4)
-    assert all(r[9] == "nan" for r in rows) and summary["pose_translation_error_deg"] is None
-    assert summary["pose_rotation_error_deg"] == pytest.approx(np.mean([float(r[8]) for r in images]), abs=1e-9)
+    np.testing.assert_allclose([float(r[9]) for r in rows], angles, atol=1e-4)
+    assert all(r[10] == "nan" for r in rows) and summary["pose_translation_error_deg"] is None
+    assert summary["pose_rotation_error_deg"] == pytest.approx(np.mean([float(r[9]) for r in images]), abs=1e-9)
 
     folder = out / "renders" / "s3"
     assert Image.open(folder / "context.png").size == (2 * R, R)
@@ -450,16 +455,18 @@ def test_a_scene_counts_as_scored_only_once_its_video_is_written(tiny_run, tmp_p
                                               (out / "renders" / f"s{i}" / "video.gif").exists() for i in range(5))
 
 
-def same_rows(a, b):
-    """CSV lines equal in their names and up to the last printed digit in their metrics: scenes batched
-    or threaded differently may round the other way in the 6th decimal. Pose errors, angles out of a
-    float32 model through an arccos, agree to 1e-3 degrees."""
+def same_rows(a, b, keys=3):
+    """CSV lines equal in their first `keys` columns (scene, view, position in images.csv; scene in
+    metrics.csv) and up to the last printed digit in their metrics: scenes batched or threaded
+    differently may round the other way in the 6th decimal. Pose errors, angles out of a float32
+    model through an arccos, agree to 1e-3 degrees."""
     a, b = [line.split(",") for line in a], [line.split(",") for line in b]
+    pose = keys + ev.METRICS.index("pose_rotation_error_deg")  # and the translation's next to it
 
     def close(x, y, tol):
         return np.allclose([float(v) for v in x], [float(v) for v in y], rtol=0, atol=tol, equal_nan=True)
-    return len(a) == len(b) and all(x[:3] == y[:3] and close(x[3:-2], y[3:-2], 2e-6) and close(x[-2:], y[-2:], 1e-3)
-                                    for x, y in zip(a, b))
+    return len(a) == len(b) and all(x[:keys] == y[:keys] and close(x[keys:pose] + x[pose + 2:], y[keys:pose] + y[pose + 2:], 2e-6)
+                                    and close(x[pose:pose + 2], y[pose:pose + 2], 1e-3) for x, y in zip(a, b))
 
 
 def rodrigues(axis, angle):
@@ -513,12 +520,102 @@ def test_pose_noise_moves_the_posed_models_and_not_uplvsm(tiny_run, tmp_path):
     assert abs(at[0.0]["psnr"] - at[0.3]["psnr"]) > 1e-3
 
 
+# --- transfer between rooms -----------------------------------------------------------------------
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in UP-LVSM that knows the truth of a split. It places each image at the true camera of
+    its frame, in a world of its own for every pair of context views (a rigid motion drawn from
+    them), as UP-LVSM has the frame of its own context view 0. It renders a camera as the split's
+    frame there, dimmed so that PSNR stays finite, and grey where the split has no frame."""
+
+    def __init__(self, split):
+        super().__init__()
+        self.config = l3d.Config.tiny()
+        R, p = self.config.image_size, self.config.patch_size
+        frames = [f for meta in l3d.read_list(split / "full_list.txt") for f in l3d.read_scene(meta)["frames"]]
+        self.images = [l3d.load_view(f["image_path"], f["fxfycxcy"], R, p)[0] for f in frames]
+        self.c2w = torch.linalg.inv(torch.tensor([f["w2c"] for f in frames], dtype=torch.float64))
+
+    @staticmethod
+    def world(latents):
+        """Context views [2, 3, R, R] -> the rigid motion [4, 4] from the truth's world to the model's."""
+        rng = np.random.default_rng(int(latents.double().sum() * 1000))
+        q = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+        m = np.eye(4)
+        m[:3, :3], m[:3, 3] = q * np.sign(np.linalg.det(q)), rng.normal(size=3)
+        return torch.tensor(m)
+
+    def encode(self, ctx, ctx_k):
+        return ctx
+
+    def estimate_pose(self, latents, images):
+        from scipy.spatial.transform import Rotation
+        poses = []
+        for ctx, views in zip(latents, images):
+            for image in views:
+                c2w = self.world(ctx) @ self.c2w[next(k for k, im in enumerate(self.images) if torch.equal(im, image))]
+                poses.append(np.concatenate([c2w[:3, 3], Rotation.from_matrix(c2w[:3, :3]).as_quat()]))  # xyzw
+        return torch.tensor(np.array(poses), dtype=torch.float32).reshape(*images.shape[:2], 7)
+
+    def decode(self, latents, c2w, fxfycxcy):
+        renders = []
+        for ctx, cams in zip(latents, c2w):
+            for cam in cams:
+                gap = (self.c2w - torch.linalg.inv(self.world(ctx)) @ cam.double()).abs().amax((1, 2))  # [frames]
+                near = int(gap.argmin())
+                renders.append(0.8 * self.images[near] + 0.1 if gap[near] < 1e-4 else torch.full_like(self.images[0], 0.5))
+        return torch.stack(renders).reshape(*c2w.shape[:2], *renders[0].shape)
+
+    def forward(self, ctx, ctx_k, tgt, tgt_k, ctx_c2w=None, tgt_c2w=None):
+        pose = self.estimate_pose(ctx, tgt)
+        return self.decode(ctx, l3d.pose_to_c2w(pose), tgt_k), pose
+
+
+@pytest.fixture(scope="module")
+def transfer_split(tmp_path_factory):
+    import prepare
+    out = tmp_path_factory.mktemp("transfer")
+    prepare.make_synthetic(out, size=(48, 32), frames=30, train_scenes=0, test_scenes=3, seed=3, workers=1)
+    return out / "test_transfer"
+
+
+def test_transfer_of_true_cameras_scores_as_the_direct_targets(transfer_split, tmp_path, monkeypatch, capsys):
+    oracle = Oracle(transfer_split)
+    monkeypatch.setattr(ev.l3d, "load_model", lambda ckpt, res=None: oracle)
+    args = ["--ckpt", "oracle", "--data", str(transfer_split / "full_list.txt"), "--no-lpips", "--device", "cpu"]
+    (tmp_path / "oracle").write_bytes(b"a stand-in")  # run.json digests the checkpoint file
+    monkeypatch.chdir(tmp_path)
+    summary = ev.main(args + ["--index", str(transfer_split / "transfer_index.json"), "--out", "transfer"])
+    index = json.loads((transfer_split / "transfer_index.json").read_text())
+    # by hand: the dimmed truth of every target of B (frames 2, 3, 4 of each pair's 10), against the truth
+    truth = torch.stack([oracle.images[k] for k in range(len(oracle.images)) if k % 10 in (2, 3, 4)])
+    expected = psnr64(0.8 * truth + 0.1, truth).mean().item()
+    t = summary["transfer"]
+    assert t["pairs"] == len(index) == 2 and t["images"] == 6
+    assert t["transfer_psnr"] == pytest.approx(expected, abs=1e-6) and t["direct_psnr"] == pytest.approx(expected, abs=1e-6)
+    assert [row["pair"] for row in t["by_pair"]] == sorted(index) and all(abs(row["gap_db"]) < 1e-9 for row in t["by_pair"])
+    assert "transfer over 2 pairs" in capsys.readouterr().out
+    header, rows = read_csv(tmp_path / "transfer" / "images.csv")
+    assert header.endswith(",transfer_psnr") and all(float(r[-1]) == pytest.approx(float(r[3]), abs=1e-9) for r in rows)
+    # an ordinary index has no transfer score, and a transfer entry that cannot be scored is named
+    monkeypatch.setattr(ev.l3d, "load_model", lambda ckpt, res=None: oracle)
+    monkeypatch.chdir(tmp_path)
+    plain = {k: {"context": v["context"], "target": v["target"]} for k, v in index.items()}
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    assert "transfer" not in ev.main(args + ["--index", "plain.json", "--out", "plain"])
+    broken = {k: v | {"transfer": {"context": [5, 6], "target": [7, 8]}} for k, v in index.items()}
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="broken.json: the transfer entry of 'test_00000_along_test_00001'.*2 targets"):
+        ev.main(args + ["--index", "broken.json", "--out", "broken"])
+
+
 def test_two_processes_give_the_files_of_one(tiny_run, tmp_path):
     cmd, env = torchrun(2, REPO / "eval.py", *tiny_run["args"], "--out", tmp_path / "two")
     subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=240, cwd=tmp_path)
-    for name in ("images.csv", "metrics.csv"):
+    for name, keys in (("images.csv", 3), ("metrics.csv", 1)):
         two, one = ((d / name).read_text().splitlines() for d in (tmp_path / "two", tiny_run["out"]))
-        assert two[0] == one[0] and same_rows(two[1:], one[1:])
+        assert two[0] == one[0] and same_rows(two[1:], one[1:], keys)
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     rounded = ("psnr", "ssim", "pose_rotation_error_deg", "by_position")
     assert {k: v for k, v in two.items() if k not in rounded} == {k: v for k, v in tiny_run["summary"].items() if k not in rounded}
@@ -709,7 +806,7 @@ def test_ptlvsm_trains_and_is_scored_with_the_target_cameras(tmp_path):
         render = model(ctx[None], ctx_k[None], tgt[None], tgt_k[None], c2w[None, :2], c2w[None, 2:])[0][0]
     mse = ((render.double().clamp(0, 1) - tgt.double()) ** 2).flatten(1).mean(1)  # [3, 3, R, R] -> [3, 3*R*R] -> [3]
     np.testing.assert_allclose([float(r[3]) for r in rows if r[0] == "s1"], (-10 * torch.log10(mse)).numpy(), atol=2e-6)
-    assert all(r[8] == r[9] == "nan" for r in rows)  # PT-LVSM is given its cameras: no pose error
+    assert all(r[9] == r[10] == "nan" for r in rows)  # PT-LVSM is given its cameras: no pose error
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["pose_rotation_error_deg"] is None and summary["pose_translation_error_deg"] is None
     with pytest.raises(ValueError, match="--photos and --video need UP-LVSM"):

@@ -7,6 +7,7 @@ Pillow, and the geometry of the generated rooms checked with numpy maths written
 
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -401,3 +402,93 @@ def test_views_agree_on_3d_points(synthetic):
     # and the pixels of another spot would not agree
     shuffled = colour_b[np.random.default_rng(0).permutation(len(colour_b))]
     assert np.mean(np.abs(colour_a - shuffled).max(1) <= 2) < 0.5
+
+
+# -----------------------------------------------------------------------------
+# The transfer split
+
+
+def test_moved_cameras_of_a_hand_built_pair():
+    # room A: the target 0.5 m ahead of context view 0 and turned 10 degrees towards +y, a second one
+    # 0.3 m to its right, not turned; carried into room B, the same steps from B's context view 0
+    def upright(centre, yaw_deg):  # x right, y down, z forward, looking along the heading yaw
+        yaw = math.radians(yaw_deg)
+        forward, right = np.array([math.cos(yaw), math.sin(yaw), 0]), np.array([math.sin(yaw), -math.cos(yaw), 0])
+        m = np.eye(4)
+        m[:3, :3], m[:3, 3] = np.stack([right, np.cross(forward, right), forward], 1), centre
+        return m
+
+    def ahead(yaw_deg, metres):
+        return metres * np.array([math.cos(math.radians(yaw_deg)), math.sin(math.radians(yaw_deg)), 0])
+
+    def to_right(yaw_deg, metres):
+        return metres * np.array([math.sin(math.radians(yaw_deg)), -math.cos(math.radians(yaw_deg)), 0])
+    a0, b0 = upright([1.0, 2.0, 1.5], 30), upright([-1.0, 0.5, 1.4], 200)
+    a_targets = np.stack([upright(a0[:3, 3] + ahead(30, 0.5), 40), upright(a0[:3, 3] + to_right(30, 0.3), 30)])
+    expected = np.stack([upright(b0[:3, 3] + ahead(200, 0.5), 210), upright(b0[:3, 3] + to_right(200, 0.3), 200)])
+    np.testing.assert_allclose(prepare.moved_cameras(b0, a0, a_targets), expected, atol=1e-12)
+    np.testing.assert_allclose(prepare.moved_cameras(a0, a0, a_targets), a_targets, atol=1e-12)  # A in itself
+
+
+@pytest.fixture(scope="module")
+def transfer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("transfer")
+    prepare.make_synthetic(out, size=(W, H), frames=FRAMES, train_scenes=0, test_scenes=3, seed=SEED, workers=1)
+    return out
+
+
+def test_transfer_split_holds_b_along_a_and_the_frames_it_came_from(transfer):
+    index = json.loads((transfer / "test_transfer" / "transfer_index.json").read_text())
+    evaluation = json.loads((transfer / "test" / "evaluation_index.json").read_text())
+    assert len(index) == 2  # of 3 rooms; the third's cameras would leave it or meet an object whoever A is
+    listed = [Path(p).stem for p in (transfer / "test_transfer" / "full_list.txt").read_text().splitlines()]
+    assert listed == sorted(index)
+    for name, entry in index.items():
+        a, b = entry["rooms"]["a"], entry["rooms"]["b"]
+        assert name == f"{b}_along_{a}" and a != b
+        assert entry["rooms"]["b_context"] == evaluation[b]["context"]
+        assert [entry["rooms"]["a_context"], entry["rooms"]["a_target"]] == [evaluation[a]["context"], evaluation[a]["target"]]
+        _, w2c, frames = saved_cameras(transfer / "test_transfer", name)
+        _, w2c_a, frames_a = saved_cameras(transfer / "test", a)
+        _, w2c_b, frames_b = saved_cameras(transfer / "test", b)
+        c2w, c2w_a, c2w_b = (np.linalg.inv(m) for m in (w2c, w2c_a, w2c_b))
+        (i, j), (ia, ja), ta = evaluation[b]["context"], evaluation[a]["context"], evaluation[a]["target"]
+        # B's frames where B's cameras put them; the moved ones at C_B0 C_A0^-1 C_At; A's as they were
+        np.testing.assert_allclose(c2w[:2], c2w_b[[i, j]], atol=1e-12)
+        np.testing.assert_allclose(c2w[2:5], c2w_b[i] @ np.linalg.inv(c2w_a[ia]) @ c2w_a[ta], atol=1e-9)
+        np.testing.assert_allclose(c2w[5:], c2w_a[[ia, ja, *ta]], atol=1e-12)
+        assert entry["transfer"] == {"context": [5, 6], "target": [7, 8, 9]} and entry["target"] == [2, 3, 4]
+        for k, (split_frames, f) in enumerate([(frames_b, i), (frames_b, j)] + [(frames_a, f) for f in [ia, ja, *ta]]):
+            assert np.array_equal(decoded(frames[[0, 1, 5, 6, 7, 8, 9][k]]["image_path"]),
+                                  decoded(split_frames[f]["image_path"]))
+        room, _, _ = prepare.random_scene(np.random.default_rng((SEED, 1, int(b[-1]))), FRAMES, W, H)
+        assert all(prepare.camera_clear(room, c[:3, 3]) for c in c2w[2:5])
+    # rerun with the same settings: the split is left as it is
+    before = mtimes(transfer / "test_transfer")
+    prepare.make_synthetic(transfer, size=(W, H), frames=FRAMES, train_scenes=0, test_scenes=3, seed=SEED, workers=1)
+    assert mtimes(transfer / "test_transfer") == before
+
+
+def test_room_b_through_the_transfer_path_at_its_own_cameras_is_its_own_frames(transfer, tmp_path):
+    evaluation = json.loads((transfer / "test" / "evaluation_index.json").read_text())
+    name, k = "test_00001", 1
+    room, c2w, fxfycxcy = prepare.random_scene(np.random.default_rng((SEED, 1, k)), FRAMES, W, H)
+    b = (name, room, c2w, fxfycxcy, evaluation[name])
+    (tmp_path / "metadata").mkdir()
+    made, entry = prepare.transfer_pair(tmp_path, b, b, W, H)  # B along its own path: its own targets
+    frames = json.loads((tmp_path / "metadata" / f"{made}.json").read_text())["frames"]
+    _, _, truth = saved_cameras(transfer / "test", name)
+    for f, t in zip(entry["target"], evaluation[name]["target"]):
+        assert np.array_equal(decoded(frames[f]["image_path"]), decoded(truth[t]["image_path"]))
+
+
+def test_camera_clear_keeps_cameras_off_walls_and_objects():
+    room, c2w, _ = prepare.random_scene(np.random.default_rng((SEED, 1, 0)), FRAMES, W, H)
+    middle = np.array([(room.lo[0] + room.hi[0]) / 2, (room.lo[1] + room.hi[1]) / 2, 1.5])
+    box, ball, radius = (room.box_lo[0] + room.box_hi[0]) / 2, room.ball_centre[0], room.ball_radius[0]
+    near = [box, room.box_hi[0] + 0.3, ball, ball + [0, 0, radius + 0.3], middle * [0, 1, 1] + [room.lo[0] + 0.3, 0, 0],
+            middle * [0, 1, 1] + [room.hi[0] + 1.0, 0, 0], middle * [1, 1, 0] + [0, 0, room.hi[2] - 0.3]]
+    for point in near:  # inside a box or a ball, 0.3 m from one, 0.3 m from a wall or the ceiling, outside
+        assert not prepare.camera_clear(room, point), point
+    # the walk is kept 0.6 m from every object and 1.5 m from the walls: every camera of it is clear
+    assert all(prepare.camera_clear(room, c[:3, 3]) for c in c2w)
