@@ -858,7 +858,8 @@ def main(argv=None):
     done = read_table(out / "images.csv", IMAGE_COLUMNS)
     mine = [v for v in views if v[0] not in done][rank::world]  # each scene on one rank: no padding, no drops
     lpips_net = rank0_first(rank, lambda: load_lpips(device)) if args.lpips else None
-    work = IndexedScenes(mine, cfg.image_size, cfg.patch_size, args.pose_noise, transfer_entries(args.index))
+    transfer = transfer_entries(args.index)
+    work = IndexedScenes(mine, cfg.image_size, cfg.patch_size, args.pose_noise, transfer)
     loader = torch.utils.data.DataLoader(work, batch_size=None, num_workers=args.workers)
     skipped = {"out_of_range": 0, "unreadable": 0, "nonfinite": 0}
     scored = 0
@@ -911,6 +912,9 @@ def main(argv=None):
               f"({summary['scored_now']} scored by this run); not scored: "
               + ", ".join(f"{counts[k]} {k}" for k in ("index_null", "missing", *skipped))
               + f"; files in {out}")
+        if transfer and "transfer" not in summary:
+            print(f"a transfer index: this {cfg.model} model is given the true moved cameras, so its psnr is the "
+                  f"posed reference; only UP-LVSM, which estimates its cameras, is flown along room A's path")
         if "transfer" in summary:
             t = summary["transfer"]
             print(f"transfer over {t['pairs']} pairs: B along A's path {t['transfer_psnr']:.2f} dB, from cameras "
