@@ -326,18 +326,18 @@ def positions(context, target):
 
 
 @torch.no_grad()
-def transfer_renders(model, batch, ctx, ctx_k, tgt_k, p_b0, device):
+def transfer_renders(model, batch, latents, tgt_k, p_b0, device):
     """UP-LVSM renders room B along room A's path: A's context views are encoded, the estimator places
     A's context view 0 and A's targets (P_A0, P_At) from their images, and B is rendered from its own
-    latents at P_B0 P_A0^-1 P_At, P_B0 being where the estimator places B's context view 0 (p_b0
-    [b, 1, 4, 4] float64). A camera that means the same in every room renders what B looks like
+    latents [b, L, d] at P_B0 P_A0^-1 P_At, P_B0 being where the estimator places B's context view 0
+    (p_b0 [b, 1, 4, 4] float64). A camera that means the same in every room renders what B looks like
     from there -> [b, v, 3, R, R]."""
     a_ctx, a_ctx_k, a_tgt = (torch.stack([s["transfer"][k] for s in batch]).to(device)
                              for k in ("ctx_images", "ctx_fxfycxcy", "tgt_images"))
     pose = model.estimate_pose(model.encode(a_ctx, a_ctx_k), torch.cat([a_ctx[:, :1], a_tgt], 1))  # [b, 1 + v, 7]
     p = l3d.pose_to_c2w(pose.double().cpu())  # [b, 1 + v, 4, 4]
     moved = p_b0 @ torch.linalg.inv(p[:, :1]) @ p[:, 1:]  # [b, v, 4, 4]
-    return model.decode(model.encode(ctx, ctx_k), moved.float().to(device), tgt_k)
+    return model.decode(latents, moved.float().to(device), tgt_k)
 
 
 @torch.no_grad()
@@ -377,14 +377,15 @@ def score(model, batch, device, autocast, lpips_net):
     e = torch.full_like(g, math.nan)
     if pose is not None:  # UP-LVSM: context view 0 through the pose estimator too, untimed
         with autocast:
-            pose0 = model.estimate_pose(model.encode(ctx, ctx_k), ctx[:, :1])  # [b, 1, 7]
+            latents = model.encode(ctx, ctx_k)  # [b, L, d], B's scene for the transfer below too
+            pose0 = model.estimate_pose(latents, ctx[:, :1])  # [b, 1, 7]
         p0, pt = (l3d.pose_to_c2w(p.double().cpu()) for p in (pose0, pose))
         e = torch.linalg.inv(p0) @ pt  # [b, v, 4, 4]
     errors = torch.stack(pose_errors(e, g)).flatten(1)  # [2, b, v] -> [2, b*v]
     transfer = torch.full((b * v,), math.nan, dtype=torch.float64)
     if pose is not None and "transfer" in batch[0]:  # untimed: the same targets along room A's path
         with autocast:
-            moved = transfer_renders(model, batch, ctx, ctx_k, inputs[3], p0, device).float()
+            moved = transfer_renders(model, batch, latents, inputs[3], p0, device).float()
         transfer = l3d.psnr(moved.flatten(0, 1), gt).cpu()
     values = [psnr, ssim(pred, gt).cpu(), lp.double().cpu(), copy, mean_context, worth, *errors, transfer]
     values = torch.stack(values, -1).reshape(b, v, -1).tolist()  # [b*v, metrics] -> [b, v, metrics]
