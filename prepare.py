@@ -577,11 +577,11 @@ def transfer_pair(split_dir, a, b, w, h):
             frames.append({"image_path": str(path.absolute()), "fxfycxcy": list(k),
                            "w2c": np.linalg.inv(pose).tolist()})
     write_metadata(split_dir, name, frames)
-    n_ctx, n_tgt = len(a_views["context"]), len(a_views["target"])
-    first_a = 2 + len(moved)
-    entry = {"context": [0, 1], "target": list(range(2, first_a)),
-             "transfer": {"context": list(range(first_a, first_a + n_ctx)),
-                          "target": list(range(first_a + n_ctx, first_a + n_ctx + n_tgt))},
+    n_b, n_a = len(b_views["context"]), len(a_views["context"])
+    first_a = n_b + len(moved)  # the frames written above: B's context views, the moved ones, A's
+    entry = {"context": list(range(n_b)), "target": list(range(n_b, first_a)),
+             "transfer": {"context": list(range(first_a, first_a + n_a)),
+                          "target": list(range(first_a + n_a, len(frames)))},
              "rooms": {"b": b_name, "b_context": b_views["context"], "a": a_name, "a_context": a_views["context"],
                        "a_target": a_views["target"]}}
     return name, entry
