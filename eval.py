@@ -21,14 +21,14 @@ The released weights by name (downloaded once into the cache; they know their im
 How much a model leans on the cameras it is given (the paper's appendix on pose noise): Gaussian
 noise of scale SIGMA on every given camera's 7-number pose encoding, the same on every rerun.
 UP-LVSM is given no camera, so its scores do not move:
-    python eval.py --ckpt runs/tiny_lvsm/ckpt_0001800.pt --data data/synthetic/test/full_list.txt \
+    python eval.py --ckpt runs/tiny_lvsm/ckpt_0003000.pt --data data/synthetic/test/full_list.txt \
         --index data/synthetic/test/evaluation_index.json --out runs/tiny_lvsm/noise_0.05 --no-lpips \
         --pose-noise 0.05
 Two photos of your own: a fly-through from the first camera to the second (animated WebP, contact
 sheet, cameras.json in --out):
     python eval.py --photos kitchen_1.jpg kitchen_2.jpg --ckpt x224 --out runs/kitchen
 l3d checkpoints record their image size, so --res can be left out:
-    python eval.py --ckpt runs/tiny/ckpt_0001800.pt --data data/synthetic/test/full_list.txt \
+    python eval.py --ckpt runs/tiny/ckpt_0003000.pt --data data/synthetic/test/full_list.txt \
         --index data/synthetic/test/evaluation_index.json --out runs/tiny/eval --no-lpips
 
 What lands in --out:
@@ -58,7 +58,7 @@ Beyond the paper's metrics, measures that a model rendering one blurry image per
                       A's path as UP-LVSM estimates it, at P_B0 P_A0^-1 P_At; summary.json's "transfer"
                       sets it beside the direct score (psnr), per pair too. NaN elsewhere
 Does a learned camera mean the same in every room? B along A's path, against the generator's truth:
-    python eval.py --ckpt runs/tiny/ckpt_0001800.pt --data data/synthetic/test_transfer/full_list.txt \
+    python eval.py --ckpt runs/tiny/ckpt_0003000.pt --data data/synthetic/test_transfer/full_list.txt \
         --index data/synthetic/test_transfer/transfer_index.json --out runs/tiny/transfer --no-lpips
 With --no-lpips the lpips columns read nan and summary.json has "lpips": null. A rerun with the
 same --out scores only the scenes not yet in images.csv: every process appends each finished

@@ -1550,7 +1550,7 @@ PRESETS = {224: dict(batch=16, steps=100_000, lr=4e-4, warmup=4000, perceptual=0
                      data="data/re10k/train/full_list.txt", out="runs/x224", save_every=4000, eval_every=4000,
                      log_every=100, workers=min(8, os.cpu_count()), keep_frames=False)}
 PRESETS[518] = PRESETS[224] | dict(batch=6, steps=80_000, lr=4e-5, dinov2="none", out="runs/x518")
-PRESETS["tiny"] = dict(batch=8, steps=1800, lr=1e-3, warmup=300, perceptual=0.0, dinov2="none",
+PRESETS["tiny"] = dict(batch=8, steps=3000, lr=1e-3, warmup=300, perceptual=0.0, dinov2="none",
                        data="data/synthetic/train/full_list.txt", out="runs/tiny", save_every=200,
                        eval_every=200, log_every=20, workers=0, keep_frames=True)
 

@@ -23,7 +23,7 @@ train/little, medium, large_list.txt (the first 1/64, 1/16 and 1/4 of the traini
 test_transfer/ with transfer_index.json (each test room B seen along another room A's camera path,
 rendered exactly, with A's frames beside it; eval.py scores how well a model's cameras transfer):
     python prepare.py synthetic
-    python prepare.py synthetic --out data/synthetic --size 56x32 --train-scenes 400 --test-scenes 40 --seed 0
+    python prepare.py synthetic --out data/synthetic --size 56x32 --train-scenes 1000 --test-scenes 40 --seed 0
 """
 
 import argparse
@@ -292,8 +292,9 @@ class Room:
 def camera_walk(rng, n):
     """A smooth walk of n frames -> camera centres [n, 3], yaw [n] and pitch [n] in radians.
 
-    Speed, direction of travel and turning rate drift slowly (a sine of random phase each), so
-    that between frames 25-45 apart the camera turns 20-70 degrees and walks 0.6-2.3 metres.
+    Speed, direction of travel and turning rate drift slowly (a sine of random phase each), and the
+    camera looks around as it goes, so that between frames 25-45 apart it turns 14-78 degrees and
+    walks 0.6-2.3 metres.
     """
     t = np.arange(n) / n
 
@@ -310,7 +311,15 @@ def camera_walk(rng, n):
     step = speed[:, None] * np.stack([np.cos(travel), np.sin(travel), np.zeros(n)], 1)
     centres = np.cumsum(step, 0) + [0.0, 0.0, rng.uniform(1.3, 1.7)]
     centres[:, 2] += drift(0.0, 0.03)  # a little bobbing
-    return centres, yaw, pitch
+    # Looking around: yaw swings 15-25 degrees and pitch 3-8 on periods shorter than a context gap.
+    # Without it a target's camera is the context views' interpolated, and a model need only learn
+    # how far along it lies; the tiny model then learned that and hardly used its camera (README).
+    frame = np.arange(n)
+
+    def swing(degrees, shortest, longest):
+        return np.radians(degrees) * np.sin(2 * np.pi * (frame / rng.uniform(shortest, longest) + rng.uniform()))
+
+    return centres, yaw + swing(rng.uniform(15, 25), 30, 50), pitch + swing(rng.uniform(3, 8), 25, 50)
 
 
 def camera_to_world(centre, yaw, pitch):
@@ -611,7 +620,7 @@ def transfer_split(split_dir, scenes, w, h):
     return f"{len(index)} transfer pairs (of {tried} tried) in {split_dir}"
 
 
-def make_synthetic(out="data/synthetic", size=(56, 32), frames=60, train_scenes=400, test_scenes=40, seed=0,
+def make_synthetic(out="data/synthetic", size=(56, 32), frames=60, train_scenes=1000, test_scenes=40, seed=0,
                    workers=None):
     """Generate OUT/train and OUT/test (and OUT/test/evaluation_index.json), resuming a stopped run."""
     out, (w, h) = Path(out), size
@@ -634,13 +643,15 @@ def make_synthetic(out="data/synthetic", size=(56, 32), frames=60, train_scenes=
     l3d.write_atomic(stamp, json.dumps(settings))
 
     start, jobs, names = time.time(), [], {}
+    seeds = {}  # scene name -> the seed of its room and walk: (seed, 0 for train or 1 for test, number)
     for split_id, (split, count) in enumerate((("train", train_scenes), ("test", test_scenes))):
         names[split] = [f"{split}_{k:05d}" for k in range(count)]
         (out / split / "metadata").mkdir(parents=True, exist_ok=True)
         for k, name in enumerate(names[split]):
+            seeds[name] = (seed, split_id, k)
             (out / split / "images" / name).mkdir(parents=True, exist_ok=True)
             if not (out / split / "metadata" / f"{name}.json").exists():
-                jobs.append((out / split, name, (seed, split_id, k), frames, w, h))
+                jobs.append((out / split, name, seeds[name], frames, w, h))
     n_frames = sum(run_parallel(make_scene, jobs, workers, "scenes"))
     for split in names:
         write_full_list(out / split)
@@ -649,8 +660,8 @@ def make_synthetic(out="data/synthetic", size=(56, 32), frames=60, train_scenes=
     l3d.write_atomic(out / "test" / "evaluation_index.json", json.dumps(index, indent=1))
     for name, fractions in (("range_index.json", RANGE), ("sweep_index.json", SWEEP)):
         l3d.write_atomic(out / "test" / name, json.dumps(range_index(index, fractions), indent=1))
-    scenes = [(name, *random_scene(np.random.default_rng((seed, 1, k)), frames, w, h), index[name])
-              for k, name in enumerate(names["test"]) if index[name]]
+    scenes = [(name, *random_scene(np.random.default_rng(seeds[name]), frames, w, h), index[name])
+              for name in names["test"] if index[name]]
     transfer = "no transfer split (it needs two test rooms)"
     if len(scenes) > 1:
         transfer = transfer_split(out / "test_transfer", scenes, w, h)
@@ -688,7 +699,7 @@ def main():
     p.add_argument("--out", default="data/synthetic")
     p.add_argument("--size", type=parse_size, default=(56, 32), help="WIDTHxHEIGHT of the frames")
     p.add_argument("--frames", type=int, default=60, help="frames per scene (27 or more)")
-    p.add_argument("--train-scenes", type=int, default=400)
+    p.add_argument("--train-scenes", type=int, default=1000)
     p.add_argument("--test-scenes", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count())
