@@ -592,10 +592,10 @@ def test_transfer_of_true_cameras_scores_as_the_direct_targets(transfer_split, t
     truth = torch.stack([oracle.images[k] for k in range(len(oracle.images)) if k % 10 in (2, 3, 4)])
     expected = psnr64(0.8 * truth + 0.1, truth).mean().item()
     t = summary["transfer"]
-    assert t["pairs"] == len(index) == 2 and t["images"] == 6
+    assert t["pairs"] == len(index) >= 1 and t["images"] == 3 * len(index)
     assert t["transfer_psnr"] == pytest.approx(expected, abs=1e-6) and t["direct_psnr"] == pytest.approx(expected, abs=1e-6)
     assert [row["pair"] for row in t["by_pair"]] == sorted(index) and all(abs(row["gap_db"]) < 1e-9 for row in t["by_pair"])
-    assert "transfer over 2 pairs" in capsys.readouterr().out
+    assert f"transfer over {len(index)} pairs" in capsys.readouterr().out
     header, rows = read_csv(tmp_path / "transfer" / "images.csv")
     assert header.endswith(",transfer_psnr") and all(float(r[-1]) == pytest.approx(float(r[3]), abs=1e-9) for r in rows)
     # an ordinary index has no transfer score, and a transfer entry that cannot be scored is named
