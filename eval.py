@@ -223,12 +223,12 @@ def noisy_cameras(c2w, sigma, scene):
     return l3d.pose_to_c2w(pose + sigma * noise).to(c2w.dtype)
 
 
-def transfer_entries(index_path):
-    """The transfer entries of an evaluation index (prepare.py's test_transfer/transfer_index.json) ->
-    {scene: {"context": [frames], "target": [frames]}}: the frames of room A that a scene of room B is
-    rendered along, one A target for each B target. {} for an index without them. An entry that
-    cannot be scored as written is refused, naming its scene."""
-    index = l3d.read_index(index_path)
+def transfer_entries(index, index_path):
+    """The transfer entries of an evaluation index (read_index's dict of prepare.py's
+    test_transfer/transfer_index.json, read from index_path) -> {scene: {"context": [frames],
+    "target": [frames]}}: the frames of room A that a scene of room B is rendered along, one A target
+    for each B target. {} for an index without them. An entry that cannot be scored as written is
+    refused, naming its scene and the file."""
     entries = {}
     for scene, views in index.items():
         if views is None or "transfer" not in views:
@@ -855,11 +855,12 @@ def main(argv=None):
         record = check_run(out, args, cfg.image_size)
         merge_parts(out)
     barrier()
-    views, counts = l3d.index_views(args.data, args.index)
+    index = l3d.read_index(args.index)
+    views, counts = l3d.index_views(args.data, index)
     done = read_table(out / "images.csv", IMAGE_COLUMNS)
     mine = [v for v in views if v[0] not in done][rank::world]  # each scene on one rank: no padding, no drops
     lpips_net = rank0_first(rank, lambda: load_lpips(device)) if args.lpips else None
-    transfer = transfer_entries(args.index)
+    transfer = transfer_entries(index, args.index)
     work = IndexedScenes(mine, cfg.image_size, cfg.patch_size, args.pose_noise, transfer)
     loader = torch.utils.data.DataLoader(work, batch_size=None, num_workers=args.workers)
     skipped = {"out_of_range": 0, "unreadable": 0, "nonfinite": 0}

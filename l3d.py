@@ -972,11 +972,11 @@ def read_index(index_path):
     return index
 
 
-def index_views(list_path, index_path):
-    """The scenes of an evaluation index that a split has -> ([(scene, metadata path, context, target)]
-    sorted by scene, counts of the index entries left out: null ones and scenes not in the list).
-    No metadata is read: the processed layout names each metadata file after its scene."""
-    index = read_index(index_path)
+def index_views(list_path, index):
+    """The scenes of an evaluation index (read_index's dict) that a split has -> ([(scene, metadata
+    path, context, target)] sorted by scene, counts of the index entries left out: null ones and
+    scenes not in the list). No metadata is read: the processed layout names each metadata file
+    after its scene."""
     on_disk = {Path(p).stem: p for p in read_list(list_path)}
     views, counts = [], {"index_null": 0, "missing": 0}
     for scene in sorted(index):
@@ -1367,7 +1367,7 @@ def load_heldout(list_path, index_path, n_scenes, cfg):
     """The first n_scenes scenes of an evaluation index that load, loaded once -> [load_indexed_scene
     dicts]. One bad scene is named and left out: it must not stop training."""
     scenes = []
-    for name, meta, context, target in index_views(list_path, index_path)[0][:n_scenes]:
+    for name, meta, context, target in index_views(list_path, read_index(index_path))[0][:n_scenes]:
         try:
             scenes.append(load_indexed_scene(meta, context, target, cfg.image_size, cfg.patch_size))
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
