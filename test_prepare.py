@@ -373,7 +373,7 @@ def test_views_agree_on_3d_points(synthetic):
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     points, normals, albedo = prepare.cast(room, c2w_a[:3, 3], dirs.T)
     # the renderer, one ray per pixel, shoots the same rays; with 2 x 2 it drew the saved picture
-    one_ray = prepare.shade(room, normals, albedo).T.reshape(H, W, 3)  # [3, h*w] -> [h, w, 3]
+    one_ray = prepare.shade(normals, albedo).T.reshape(H, W, 3)  # [3, h*w] -> [h, w, 3]
     np.testing.assert_allclose(prepare.render(room, c2w_a[None], fxfycxcy[a], W, H, ss=1)[0], 255 * one_ray, atol=0.51)
     assert np.abs(prepare.render(room, c2w_a[None], fxfycxcy[a], W, H)[0] - image_a).max() <= 1
     points = points.T.astype(np.float64)  # [3, n] -> [n, 3] the surfaces hit
