@@ -406,6 +406,18 @@ def test_views_agree_on_3d_points(synthetic):
     assert np.mean(np.abs(colour_a - shuffled).max(1) <= 2) < 0.5
 
 
+
+def test_rooms_are_lit_from_straight_overhead():
+    """Floor-like faces get the full light, walls and the ceiling only the ambient, a face tilted 60
+    degrees from up the cosine of 60 degrees of it; whichever way a wall faces."""
+    tilted = [math.sin(math.radians(60)), 0.0, math.cos(math.radians(60))]
+    normals = np.array([[0, 0, 1], [0, 0, -1], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], tilted]).T  # [3, n]
+    albedo = np.tile([[0.2], [0.5], [0.8]], (1, normals.shape[1]))  # [3, n]
+    ambient = prepare.AMBIENT
+    light = np.array([1, ambient, ambient, ambient, ambient, ambient, ambient + (1 - ambient) * 0.5])
+    np.testing.assert_allclose(prepare.shade(normals, albedo), albedo * light, rtol=1e-12)
+
+
 # -----------------------------------------------------------------------------
 # The transfer split
 
