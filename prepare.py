@@ -265,6 +265,7 @@ def convert_re10k(src, out, split="all", png=False, workers=None):
 
 PLAIN, CHECKER, STRIPES, WAVES = range(4)  # texture kinds of the room's six faces
 AMBIENT = 0.45
+WALL_MEAN = 0.55  # every wall colour's mean over R, G and B; the brightest channel stays below 1
 
 
 @dataclass
@@ -333,8 +334,11 @@ def camera_to_world(centre, yaw, pitch):
 
 def random_room(rng, walk):
     """A room around a camera walk [n, 3], its objects kept 0.6 m away from the walk's bounding box."""
-    palette = np.array([colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.4, 0.9), rng.uniform(0.5, 1.0))
-                        for _ in range(6)])
+    # Colours differ in hue only: each has the same mean over its channels, so no wall is brighter
+    # than another. On walls of different brightness the tiny model took which half of a view was
+    # brighter for the direction of a turn (README, "Where the yaw goes").
+    palette = np.array([colorsys.hsv_to_rgb(rng.uniform(), 0.65, 0.8) for _ in range(6)])
+    palette *= WALL_MEAN / palette.mean(1, keepdims=True)
     lo, hi = walk.min(0) - rng.uniform(1.5, 2.5, 3), walk.max(0) + rng.uniform(1.5, 2.5, 3)
     lo[2], hi[2] = 0.0, rng.uniform(2.5, 3.0)
     # Every face has a colour of its own, so that what is in view says where the camera looks, and a

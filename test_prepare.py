@@ -418,6 +418,18 @@ def test_rooms_are_lit_from_straight_overhead():
     np.testing.assert_allclose(prepare.shade(normals, albedo), albedo * light, rtol=1e-12)
 
 
+def test_walls_and_floor_differ_in_hue_not_brightness():
+    """Both colours of every wall and of the floor average the same over R, G and B in every room, so
+    that no half of a view is brighter for its colours; they still differ, and none exceeds 1."""
+    walk = np.array([[0.0, 0.0, 1.5], [1.0, 0.5, 1.5]])
+    for k in range(20):
+        room = prepare.random_room(np.random.default_rng((SEED, 5, k)), walk)
+        colours = np.concatenate([room.face_a[:5], room.face_b[:5]]).astype(np.float64)  # [10, 3]
+        np.testing.assert_allclose(colours.sum(1) / 3, 0.55, atol=1e-6)
+        assert colours.max() <= 1 and colours.min() >= 0
+        assert np.abs(colours[:5, None] - colours[None, :5]).max() > 0.2  # some two faces tell apart
+
+
 # -----------------------------------------------------------------------------
 # The transfer split
 
