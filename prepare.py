@@ -265,7 +265,7 @@ def convert_re10k(src, out, split="all", png=False, workers=None):
 
 PLAIN, CHECKER, STRIPES, WAVES = range(4)  # texture kinds of the room's six faces
 AMBIENT = 0.45
-WALL_MEAN = 0.55  # every wall colour's mean over R, G and B; the brightest channel stays below 1
+WALL_MEAN = 0.55  # every wall and floor colour's mean over R, G and B; the brightest channel stays below 1
 
 
 @dataclass
