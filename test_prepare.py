@@ -406,7 +406,6 @@ def test_views_agree_on_3d_points(synthetic):
     assert np.mean(np.abs(colour_a - shuffled).max(1) <= 2) < 0.5
 
 
-
 def test_rooms_are_lit_from_straight_overhead():
     """Floor-like faces get the full light, walls and the ceiling only the ambient, a face tilted 60
     degrees from up the cosine of 60 degrees of it; whichever way a wall faces."""
